@@ -1,0 +1,5 @@
+"""Decoder-only LM (Llama / Qwen2 / Qwen3) as a pure function of a parameter pytree."""
+
+from cispo_jax.model.config import ModelConfig
+from cispo_jax.model.transformer import (forward, init_cache, init_params, logical_axes,
+                                         param_shapes, positions_from_mask)

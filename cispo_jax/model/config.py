@@ -1,0 +1,64 @@
+"""Model configuration: one frozen dataclass for the Llama / Qwen2 / Qwen3 families."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a decoder-only LM plus how to run it (dtypes, remat).
+
+  `rope_scaling` is stored as a sorted tuple of (key, value) pairs so the config
+  stays hashable (it is a static argument of jitted functions).
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2
+  o_bias: bool = False  # Llama with attention_bias=True
+  qk_norm: bool = False  # Qwen3
+  max_position_embeddings: int = 4096
+  architecture: str = "Qwen2ForCausalLM"
+  # How to run it, not what it is.
+  dtype: str = "float32"  # compute dtype of matmuls
+  param_dtype: str = "float32"
+  lm_head_f32: bool = True  # MiniMax-M1: keep the LM head in float32
+  remat: bool = False
+
+  def __post_init__(self):
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; allowed: {sorted(_DTYPES)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+  @property
+  def jnp_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def jnp_param_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  @property
+  def rope_scaling_dict(self) -> dict[str, Any] | None:
+    return dict(self.rope_scaling) if self.rope_scaling else None
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)

@@ -1,0 +1,245 @@
+"""Decoder-only transformer (Llama / Qwen2 / Qwen3) in Flax Linen, with a KV cache.
+
+The training and sampling code never touch the module: they call `forward(params, ...)`,
+a pure function of a parameter pytree. Every parameter is created with logical axis
+names (`nn.with_logical_partitioning`); `logical_axes(cfg)` returns them as a pytree
+of PartitionSpecs so sharding.py can map them to a mesh.
+
+Cache layout. A cache is a dict {"k", "v"} of arrays [layers, B, S, kv_heads, head_dim].
+Tokens are written at slot indices [cache_index, cache_index + T); the caller keeps a
+`kv_valid_BxS` mask of which slots hold real tokens (left padding is invalid), and RoPE
+positions come in separately per row, so left-padded rows decode correctly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cispo_jax.model.config import ModelConfig
+
+Params = Any
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully-masked pad rows give no NaN
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
+  """Inverse frequencies [head_dim/2] with the HF `rope_scaling` types we support."""
+  d = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  scaling = cfg.rope_scaling_dict
+  if not scaling:
+    return inv_freq
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind == "default":
+    return inv_freq
+  if kind == "linear":
+    return inv_freq / float(scaling["factor"])
+  if kind == "llama3":
+    factor = float(scaling["factor"])
+    low_ff = float(scaling.get("low_freq_factor", 1.0))
+    high_ff = float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low_ff, old_len / high_ff
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low_ff) / (high_ff - low_ff)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+  raise ValueError(f"rope_scaling type {kind!r} is not supported; allowed: default, linear, llama3")
+
+
+def apply_rope(x_BxTxNxD, positions_BxT, inv_freq):
+  """HF convention: rotate the two halves of the head dimension."""
+  angles_BxTxH = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(angles_BxTxH)[:, :, None, :]
+  sin = jnp.sin(angles_BxTxH)[:, :, None, :]
+  x = x_BxTxNxD.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  cos2, sin2 = jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, sin], -1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos2 + rotated * sin2).astype(x_BxTxNxD.dtype)
+
+
+def _param(module, name, shape, axes, cfg, init=None):
+  init = init or nn.initializers.normal(stddev=0.02)
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.jnp_param_dtype)
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+  dim: int
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x):
+    scale = _param(self, "scale", (self.dim,), (self.axis_name,), self.cfg, nn.initializers.ones)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    return (scale.astype(jnp.float32) * x32).astype(self.cfg.jnp_dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxE, positions_BxT, kv_valid_BxS, cache_kv, cache_index):
+    cfg = self.cfg
+    E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dt = cfg.jnp_dtype
+
+    def proj(name, n, axis, bias):
+      w = _param(self, f"{name}_kernel", (E, n, D), ("embed", axis, "head_dim"), cfg)
+      y = jnp.einsum("bte,enD->btnD", x_BxTxE.astype(dt), w.astype(dt))
+      if bias:
+        b = _param(self, f"{name}_bias", (n, D), (axis, "head_dim"), cfg, nn.initializers.zeros)
+        y = y + b.astype(dt)
+      return y
+
+    q_BxTxHxD = proj("q", H, "heads", cfg.qkv_bias)
+    k_BxTxKxD = proj("k", K, "kv_heads", cfg.qkv_bias)
+    v_BxTxKxD = proj("v", K, "kv_heads", cfg.qkv_bias)
+    if cfg.qk_norm:
+      q_BxTxHxD = RMSNorm(cfg, D, "head_dim", name="q_norm")(q_BxTxHxD)
+      k_BxTxKxD = RMSNorm(cfg, D, "head_dim", name="k_norm")(k_BxTxKxD)
+    inv_freq = rope_inv_freq(cfg)
+    q_BxTxHxD = apply_rope(q_BxTxHxD, positions_BxT, inv_freq)
+    k_BxTxKxD = apply_rope(k_BxTxKxD, positions_BxT, inv_freq)
+
+    T = x_BxTxE.shape[1]
+    if cache_kv is None:
+      keys_BxSxKxD, values_BxSxKxD, new_kv = k_BxTxKxD, v_BxTxKxD, None
+      q_slot_T = jnp.arange(T)
+    else:
+      ck, cv = cache_kv
+      keys_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(ck, k_BxTxKxD.astype(ck.dtype), cache_index, 1)
+      values_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(cv, v_BxTxKxD.astype(cv.dtype), cache_index, 1)
+      new_kv = (keys_BxSxKxD, values_BxSxKxD)
+      q_slot_T = cache_index + jnp.arange(T)
+    S = keys_BxSxKxD.shape[1]
+    causal_TxS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
+    mask_BxTxS = causal_TxS[None] & kv_valid_BxS[:, None, :].astype(bool)
+
+    G = H // K  # query heads per kv head
+    q_BxTxKxGxD = q_BxTxHxD.reshape(q_BxTxHxD.shape[0], T, K, G, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, keys_BxSxKxD.astype(dt),
+                        preferred_element_type=jnp.float32) / math.sqrt(D)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, values_BxSxKxD.astype(dt))
+    out_BxTxHxD = out_BxTxKxGxD.reshape(q_BxTxHxD.shape)
+    wo = _param(self, "o_kernel", (H, D, E), ("heads", "head_dim", "embed"), cfg)
+    y = jnp.einsum("bthd,hde->bte", out_BxTxHxD, wo.astype(dt))
+    if cfg.o_bias:
+      y = y + _param(self, "o_bias", (E,), ("embed",), cfg, nn.initializers.zeros).astype(dt)
+    return y, new_kv
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxE):
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    E, F = cfg.hidden_size, cfg.intermediate_size
+    gate = _param(self, "gate_kernel", (E, F), ("embed", "mlp"), cfg)
+    up = _param(self, "up_kernel", (E, F), ("embed", "mlp"), cfg)
+    down = _param(self, "down_kernel", (F, E), ("mlp", "embed"), cfg)
+    x = x_BxTxE.astype(dt)
+    h = jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+    return h @ down.astype(dt)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions_BxT, kv_valid_BxS, cache_kv, cache_index):
+    h, new_kv = Attention(self.cfg, name="attn")(
+        RMSNorm(self.cfg, self.cfg.hidden_size, name="input_norm")(x),
+        positions_BxT, kv_valid_BxS, cache_kv, cache_index)
+    x = x + h
+    x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, self.cfg.hidden_size, name="post_attn_norm")(x))
+    return x, new_kv
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT, kv_valid_BxS, cache=None, cache_index=0):
+    cfg = self.cfg
+    embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+    x = jnp.take(embed, tokens_BxT, axis=0).astype(cfg.jnp_dtype)
+    block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
+    new_k, new_v = [], []
+    for i in range(cfg.num_layers):
+      layer_kv = None if cache is None else (cache["k"][i], cache["v"][i])
+      x, kv = block_cls(cfg, name=f"layers_{i}")(x, positions_BxT, kv_valid_BxS, layer_kv, cache_index)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    x = RMSNorm(cfg, cfg.hidden_size, name="final_norm")(x)
+    if cfg.tie_word_embeddings:
+      head_ExV = embed.T
+    else:
+      head_ExV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
+    head_dt = jnp.float32 if cfg.lm_head_f32 else cfg.jnp_dtype
+    logits_BxTxV = jnp.einsum("bte,ev->btv", x.astype(head_dt), head_ExV.astype(head_dt),
+                              preferred_element_type=jnp.float32)
+    new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+    return logits_BxTxV, new_cache
+
+
+def positions_from_mask(mask_BxT):
+  """RoPE positions of a left-padded batch: 0 at each row's first real token."""
+  return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def forward(params: Params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, kv_valid_BxS=None,
+            cache=None, cache_index=0):
+  """Pure forward: logits [B,T,V] in float32 and the updated cache (None without one).
+
+  Without a cache, `kv_valid_BxS` is the token mask of `tokens_BxT` (S == T) and
+  positions default to `positions_from_mask` of it.
+  """
+  if kv_valid_BxS is None:
+    if cache is not None:
+      raise ValueError("forward with a cache needs kv_valid_BxS (which cache slots hold real tokens)")
+    kv_valid_BxS = jnp.ones(tokens_BxT.shape, bool)
+  if positions_BxT is None:
+    if cache is not None:
+      raise ValueError("forward with a cache needs explicit positions_BxT")
+    positions_BxT = positions_from_mask(kv_valid_BxS)
+  return Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT, kv_valid_BxS,
+                                cache, cache_index)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  dtype = dtype or cfg.jnp_dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _init_boxed(cfg: ModelConfig, rng):
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Transformer(cfg).init(rng, tokens, tokens, jnp.ones((1, 1), bool))["params"]
+
+
+def init_params(cfg: ModelConfig, rng) -> Params:
+  """Random parameters (plain arrays, no logical-axis boxes)."""
+  return nn.unbox(_init_boxed(cfg, rng))
+
+
+def logical_axes(cfg: ModelConfig):
+  """PartitionSpec of logical axis names for every parameter (same tree as the params)."""
+  boxed = jax.eval_shape(lambda: _init_boxed(cfg, jax.random.PRNGKey(0)))
+  return nn.get_partition_spec(boxed)
+
+
+def param_shapes(cfg: ModelConfig):
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
