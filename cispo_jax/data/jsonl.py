@@ -1,0 +1,44 @@
+"""Prompts from a JSONL file: one JSON object per line with a prompt and an answer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from cispo_jax.data.example import Example
+
+
+def load_jsonl(path: str | os.PathLike, prompt_key: str = "prompt",
+               answer_key: str = "answer") -> list[Example]:
+  """Reads every non-blank line as an Example; other fields of the object go to meta.
+
+  The answer may be a JSON string or number (numbers become their text). Any bad line
+  fails the whole load with ValueError naming file:line, so a typo in a dataset is found
+  before training rather than turning into silent zero rewards.
+  """
+  path = os.fspath(path)
+  examples = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+      if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object with keys {prompt_key!r} and {answer_key!r}, "
+                         f"got {type(record).__name__}")
+      for key in (prompt_key, answer_key):
+        if key not in record:
+          raise ValueError(f"{where}: missing key {key!r} (present: {sorted(record)})")
+      prompt, answer = record.pop(prompt_key), record.pop(answer_key)
+      if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"{where}: key {prompt_key!r} must be a non-empty string, got {prompt!r:.60}")
+      if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise ValueError(f"{where}: key {answer_key!r} must be a string or a number, got {answer!r:.60}")
+      examples.append(Example(prompt, str(answer), record))
+  if not examples:
+    raise ValueError(f"{path}: no examples (the file is empty or blank)")
+  return examples
