@@ -1,0 +1,350 @@
+"""Rollout engine: jitted, batched KV-cache sampling with the controls RL needs.
+
+`generate` pads the prompts (on the left) to a bucket length, then runs one compiled program:
+a prefill over the bucketed prompts and a `jax.lax.while_loop` decode, one token per step,
+that stops when every row has hit a stop token or `max_new_tokens` is reached. Nothing runs
+in Python per token.
+
+Log-prob convention (the trainer must match it): `logps_BxN[b, t]` is the log-probability of the
+sampled token under `log_softmax(logits / temperature)` -- the temperature-scaled distribution of
+the full vocabulary, BEFORE top-k / top-p / min-p filtering (for `greedy=True`, temperature 1).
+So a training forward that computes `log_softmax(logits / temperature)` recovers the sampler's
+log-probs up to float error; the filters only restrict which tokens can be drawn.
+
+Compiled programs are cached per (prompt bucket, batch size, sampling config, model config,
+parameter layout, sharding); `compile_count()` says how many were built, and each new one is
+logged, so a run with varied prompt lengths compiles at most one program per bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cispo_jax.model import ModelConfig, forward, init_cache, positions_from_mask
+
+_NEG_INF = -1e30  # finite: a fully filtered row stays NaN-free
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to sample. Hashable: it is a static argument of the compiled program.
+
+  Filters apply in the order top-k, top-p, min-p, each to the (renormalised) distribution the
+  previous one left, all on the temperature-scaled logits (the HF `generate` order).
+  """
+
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  greedy: bool = False
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1 = off
+  min_p: float = 0.0  # 0 = off
+  stop_token_ids: tuple[int, ...] = ()
+  num_samples: int = 1  # completions per prompt; output rows grouped: p0s0, p0s1, .., p1s0, ..
+  prompt_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
+  pad_token_id: int = 0
+
+  def __post_init__(self):
+    def bad(field, allowed):
+      raise ValueError(f"SamplingConfig.{field}={getattr(self, field)!r}; allowed: {allowed}")
+
+    # Lists from gin/CLI become tuples so the config stays hashable.
+    object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+    object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
+    if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+      bad("max_new_tokens", "an int >= 1")
+    if not self.temperature > 0:
+      bad("temperature", "a float > 0 (use greedy=True for argmax decoding)")
+    if not (isinstance(self.top_k, int) and self.top_k >= 0):
+      bad("top_k", "an int >= 0 (0 = off)")
+    if not 0.0 < self.top_p <= 1.0:
+      bad("top_p", "0 < top_p <= 1 (1 = off)")
+    if not 0.0 <= self.min_p <= 1.0:
+      bad("min_p", "0 <= min_p <= 1 (0 = off)")
+    if any(t < 0 for t in self.stop_token_ids):
+      bad("stop_token_ids", "token ids >= 0")
+    if not (isinstance(self.num_samples, int) and self.num_samples >= 1):
+      bad("num_samples", "an int >= 1")
+    b = self.prompt_buckets
+    if not b or b[0] < 1 or any(x >= y for x, y in zip(b, b[1:])):
+      bad("prompt_buckets", "a non-empty, strictly increasing tuple of ints >= 1")
+    if self.pad_token_id < 0:
+      bad("pad_token_id", "a token id >= 0")
+
+
+class SampleOutput(NamedTuple):
+  """Rows are prompts repeated `num_samples` times, grouped: p0s0, p0s1, .., p1s0, ...
+
+  Masks are int32 0/1. `mask_BxN` is 1 up to and including the stop token; completion tokens
+  after it are `pad_token_id` with log-prob 0. `logps_BxN` follows the module's convention.
+  """
+
+  prompt_tokens_BxP: jax.Array  # left-padded to the bucket
+  prompt_mask_BxP: jax.Array
+  tokens_BxN: jax.Array
+  mask_BxN: jax.Array
+  logps_BxN: jax.Array  # float32
+  lengths_B: jax.Array  # int32, completion tokens incl. the stop token
+  stopped_B: jax.Array  # bool: finished by a stop token (else by max_new_tokens)
+
+
+# ----------------------------------------------------------------------------- token choice
+
+
+def filter_logits(scaled_BxV, cfg: SamplingConfig):
+  """Top-k, then top-p, then min-p on temperature-scaled logits; filtered entries -> -1e30."""
+  x = scaled_BxV
+  if cfg.top_k and cfg.top_k < x.shape[-1]:
+    kth_B1 = jax.lax.top_k(x, cfg.top_k)[0][:, -1:]
+    x = jnp.where(x >= kth_B1, x, _NEG_INF)  # ties with the k-th survive
+  if cfg.top_p < 1.0:
+    sorted_BxV = -jnp.sort(-x, axis=-1)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    # Smallest prefix whose mass reaches top_p; its last logit is the cut (the top token always stays).
+    keep_BxV = mass_before_BxV < cfg.top_p
+    cut_B1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where(x >= cut_B1, x, _NEG_INF)
+  if cfg.min_p > 0.0:
+    # p >= min_p * p_max  <=>  logit >= max_logit + log(min_p)
+    cut_B1 = jnp.max(x, axis=-1, keepdims=True) + jnp.log(cfg.min_p)
+    x = jnp.where(x >= cut_B1, x, _NEG_INF)
+  return x
+
+
+def choose_tokens(logits_BxV, key, cfg: SamplingConfig):
+  """Next token per row and its log-prob under log_softmax(logits / temperature)."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  if cfg.greedy:
+    scaled_BxV = logits_BxV
+    tok_B = jnp.argmax(scaled_BxV, axis=-1)
+  else:
+    scaled_BxV = logits_BxV / cfg.temperature
+    tok_B = jax.random.categorical(key, filter_logits(scaled_BxV, cfg), axis=-1)
+  logp_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BxV, axis=-1), tok_B[:, None], -1)[:, 0]
+  return tok_B.astype(jnp.int32), logp_B
+
+
+# ----------------------------------------------------------------------------- the program
+
+
+def _constrain(x, sharding, batch_axis=0):
+  """Split dim `batch_axis` of x like the batch; leave the other dims to the compiler."""
+  if sharding is None:
+    return x
+  spec = [PartitionSpec.UNCONSTRAINED] * x.ndim
+  spec[batch_axis] = sharding.spec[0] if len(sharding.spec) else None
+  return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, PartitionSpec(*spec)))
+
+
+def _generate_core(params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, model_cfg: ModelConfig,
+                   cfg: SamplingConfig, share_prefill: bool, sharding):
+  """Prefill + while_loop decode. Shapes are static; B here is prompts x num_samples."""
+  n, N = cfg.num_samples, cfg.max_new_tokens
+  P = prompt_tokens_BxP.shape[1]
+  pad = jnp.int32(cfg.pad_token_id)
+  stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
+  repeat = lambda x, axis=0: _constrain(jnp.repeat(x, n, axis=axis), sharding, axis)
+
+  if not share_prefill:  # repeat first: each copy is prefilled (needed when B can't be split)
+    prompt_tokens_BxP, prompt_mask_BxP = repeat(prompt_tokens_BxP), repeat(prompt_mask_BxP)
+  prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
+  Bp = prompt_tokens_BxP.shape[0]
+  # Slots >= P are masked by causality until written, so kv_valid never changes after prefill.
+  kv_valid_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((Bp, N), jnp.int32)], axis=1) > 0
+  cache = jax.tree.map(lambda c: _constrain(c, sharding, 1), init_cache(model_cfg, Bp, P + N))
+  logits_BxPxV, cache = forward(params, model_cfg, prompt_tokens_BxP,
+                                positions_from_mask(prompt_mask_BxP), kv_valid_BxS, cache, 0)
+  logits_BxV = logits_BxPxV[:, -1]
+  if share_prefill and n > 1:  # one prefill per prompt, then copy its cache to its samples
+    logits_BxV, kv_valid_BxS = repeat(logits_BxV), repeat(kv_valid_BxS)
+    cache = jax.tree.map(lambda c: repeat(c, 1), cache)
+    prompt_tokens_BxP, prompt_mask_BxP = repeat(prompt_tokens_BxP), repeat(prompt_mask_BxP)
+  B = prompt_tokens_BxP.shape[0]
+  prompt_len_B = prompt_mask_BxP.sum(axis=1)
+
+  def record(state, step, logits_BxV):
+    tokens_BxN, logps_BxN, done_B, stopped_B = state
+    tok_B, logp_B = choose_tokens(logits_BxV, jax.random.fold_in(rng, step), cfg)
+    tok_B = jnp.where(done_B, pad, tok_B)
+    logp_B = jnp.where(done_B, 0.0, logp_B)
+    hit_B = ~done_B & jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
+    tokens_BxN = jax.lax.dynamic_update_slice_in_dim(tokens_BxN, tok_B[:, None], step, 1)
+    logps_BxN = jax.lax.dynamic_update_slice_in_dim(logps_BxN, logp_B[:, None], step, 1)
+    return tokens_BxN, logps_BxN, done_B | hit_B, stopped_B | hit_B
+
+  state = (_constrain(jnp.full((B, N), pad, jnp.int32), sharding),
+           _constrain(jnp.zeros((B, N), jnp.float32), sharding),
+           _constrain(jnp.zeros((B,), bool), sharding), _constrain(jnp.zeros((B,), bool), sharding))
+  state = record(state, 0, logits_BxV)
+
+  def cond(carry):
+    step, _, state = carry
+    return (step < N) & ~jnp.all(state[2])
+
+  def body(carry):
+    step, cache, state = carry
+    prev_B1 = jax.lax.dynamic_slice_in_dim(state[0], step - 1, 1, axis=1)
+    logits_Bx1xV, cache = forward(params, model_cfg, prev_B1, (prompt_len_B + step - 1)[:, None],
+                                  kv_valid_BxS, cache, P + step - 1)
+    return step + 1, cache, record(state, step, logits_Bx1xV[:, 0])
+
+  _, _, (tokens_BxN, logps_BxN, _, stopped_B) = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), cache, state))
+  # Done rows emit pad with done already set, so the mask is "not done before this step".
+  emitted_BxN = jnp.cumsum(jnp.pad(_stop_hits(tokens_BxN, stop_ids), ((0, 0), (1, 0)))[:, :-1], 1)
+  mask_BxN = (emitted_BxN == 0).astype(jnp.int32)
+  return SampleOutput(prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN, logps_BxN,
+                      mask_BxN.sum(axis=1), stopped_B)
+
+
+def _stop_hits(tokens_BxN, stop_ids):
+  return jnp.any(tokens_BxN[..., None] == stop_ids, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- compile cache
+
+_PROGRAMS: dict[Any, Any] = {}
+
+
+def compile_count() -> int:
+  """How many sampling programs this process has compiled (one per distinct shape/config)."""
+  return len(_PROGRAMS)
+
+
+def clear_compiled() -> None:
+  _PROGRAMS.clear()
+
+
+def _layout(tree):
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
+
+
+def _program(params, model_cfg, cfg, share_prefill, sharding, args):
+  key = (model_cfg, cfg, share_prefill, sharding, _layout(params), _layout(args))
+  prog = _PROGRAMS.get(key)
+  if prog is None:
+    core = jax.jit(lambda p, *a: _generate_core(p, *a, model_cfg=model_cfg, cfg=cfg,
+                                                share_prefill=share_prefill, sharding=sharding))
+    prog = core.lower(params, *args).compile()
+    _PROGRAMS[key] = prog
+    _log.info("sampling: compiled program #%d (batch=%d, prompt bucket=%d, max_new_tokens=%d, "
+                 "num_samples=%d)", len(_PROGRAMS), args[0].shape[0], args[0].shape[1],
+                 cfg.max_new_tokens, cfg.num_samples)
+  return prog
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def bucket_for(length: int, cfg: SamplingConfig) -> int:
+  """Smallest configured bucket >= length."""
+  for b in cfg.prompt_buckets:
+    if b >= length:
+      return b
+  raise ValueError(f"prompt of {length} tokens is longer than the largest prompt bucket "
+                   f"{cfg.prompt_buckets[-1]} (SamplingConfig.prompt_buckets={cfg.prompt_buckets})")
+
+
+def left_pad(tokens_BxT, mask_BxT, cfg: SamplingConfig):
+  """Move each row's real tokens to the right end of a bucket-wide array (host, numpy)."""
+  tokens_BxT, mask_BxT = np.asarray(tokens_BxT), np.asarray(mask_BxT).astype(bool)
+  if tokens_BxT.ndim != 2 or tokens_BxT.shape != mask_BxT.shape:
+    raise ValueError(f"prompt tokens {tokens_BxT.shape} and mask {mask_BxT.shape} must be the same [B, T]")
+  if tokens_BxT.shape[0] == 0:
+    raise ValueError("no prompts: batch size is 0")
+  lengths_B = mask_BxT.sum(axis=1)
+  if lengths_B.min() == 0:
+    raise ValueError(f"prompt rows {np.flatnonzero(lengths_B == 0).tolist()} have no tokens")
+  P = bucket_for(int(lengths_B.max()), cfg)
+  order_BxT = np.argsort(mask_BxT, axis=1, kind="stable")  # pads first, real tokens in order
+  tokens_BxT = np.take_along_axis(np.where(mask_BxT, tokens_BxT, cfg.pad_token_id), order_BxT, 1)
+  mask_BxT = np.take_along_axis(mask_BxT, order_BxT, 1)
+  T = tokens_BxT.shape[1]
+  if T >= P:
+    return tokens_BxT[:, T - P:].astype(np.int32), mask_BxT[:, T - P:].astype(np.int32)
+  fill = ((0, 0), (P - T, 0))
+  return (np.pad(tokens_BxT, fill, constant_values=cfg.pad_token_id).astype(np.int32),
+          np.pad(mask_BxT, fill).astype(np.int32))
+
+
+def _divisible(sharding, shape) -> bool:
+  try:
+    sharding.shard_shape(shape)
+    return True
+  except ValueError:
+    return False
+
+
+def generate(params, model_cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP, rng,
+             cfg: SamplingConfig, *, batch_sharding=None) -> SampleOutput:
+  """Sample `cfg.num_samples` completions per prompt; see the module docstring for log-probs.
+
+  Prompts may be padded anywhere (the mask says which tokens are real); they are re-packed to
+  the left of the smallest bucket >= the longest prompt. `batch_sharding` (a Sharding of
+  [B, ...] arrays, e.g. NamedSharding(mesh, P(("data", "fsdp")))) splits the batch over the
+  mesh the params already live on; params are used where they are, never copied.
+  """
+  for name in ("stop_token_ids", "pad_token_id"):
+    ids = np.atleast_1d(getattr(cfg, name))
+    if ids.size and ids.max() >= model_cfg.vocab_size:
+      raise ValueError(f"SamplingConfig.{name}={getattr(cfg, name)} must be < vocab_size={model_cfg.vocab_size}")
+  tokens_BxP, mask_BxP = left_pad(prompt_tokens_BxP, prompt_mask_BxP, cfg)
+  share_prefill = cfg.num_samples > 1
+  if batch_sharding is None:
+    tokens_BxP, mask_BxP = jnp.asarray(tokens_BxP), jnp.asarray(mask_BxP)
+  else:
+    if not isinstance(batch_sharding, NamedSharding):
+      raise ValueError(f"batch_sharding must be a jax.sharding.NamedSharding, got {type(batch_sharding)}")
+    # Prompts that can't be split over the data axes go in replicated; the repeated batch is split.
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    split = _divisible(batch_sharding, tokens_BxP.shape)
+    share_prefill &= split
+    tokens_BxP, mask_BxP = (jax.device_put(x, batch_sharding if split else replicated)
+                            for x in (tokens_BxP, mask_BxP))
+    rng = jax.device_put(rng, replicated)
+  args = (tokens_BxP, mask_BxP, rng)
+  return _program(params, model_cfg, cfg, share_prefill, batch_sharding, args)(params, *args)
+
+
+# ----------------------------------------------------------------------------- text in / out
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], cfg: SamplingConfig, apply_chat_template=False):
+  """Tokenize texts (optionally through the chat template) -> left-padded int32 (tokens, mask)."""
+  if isinstance(texts, str):
+    raise ValueError("encode_prompts: texts must be a list of strings, got a single str")
+  if apply_chat_template:
+    if not getattr(tokenizer, "chat_template", None):
+      raise ValueError("apply_chat_template=True but the tokenizer has no chat_template")
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                           add_generation_prompt=True) for t in texts]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+  else:
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+  T = max(max(len(x) for x in ids), 1)
+  tokens_BxT = np.full((len(ids), T), cfg.pad_token_id, np.int32)
+  mask_BxT = np.zeros((len(ids), T), np.int32)
+  for i, x in enumerate(ids):
+    if x:
+      tokens_BxT[i, T - len(x):], mask_BxT[i, T - len(x):] = x, 1
+  if len(ids) and mask_BxT.sum(axis=1).min() == 0:
+    raise ValueError("encode_prompts: a text encodes to zero tokens")
+  return left_pad(tokens_BxT, mask_BxT, cfg)
+
+
+def decode_completions(tokenizer, out: SampleOutput, skip_special_tokens=False) -> list[str]:
+  """Completion texts, up to but not including the stop token."""
+  tokens_BxN = np.asarray(out.tokens_BxN)
+  n_B = np.asarray(out.lengths_B) - np.asarray(out.stopped_B).astype(np.int64)
+  return [tokenizer.decode(row[:k].tolist(), skip_special_tokens=skip_special_tokens)
+          for row, k in zip(tokens_BxN, n_B)]

@@ -1,0 +1,234 @@
+"""Sampler tests: every check compares the KV-cache decode with an independent full forward."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cispo_jax import sampling
+from cispo_jax.model import ModelConfig, forward, init_params, logical_axes
+from cispo_jax.sampling import SamplingConfig, generate
+
+V = 32
+BUCKETS = (8, 16, 32)
+BASE = dict(prompt_buckets=BUCKETS, max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8, qkv_bias=True)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  # x10 weights: logits with std ~1, so greedy margins are wide and the filters bite.
+  params = jax.tree.map(lambda x: x * 10 if x.ndim > 1 else x, params)
+  return cfg, params
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  """4 prompts of lengths 3, 7, 5, 10 in a width-12 array, NOT bucket-aligned."""
+  rs = np.random.RandomState(0)
+  lengths = [3, 7, 5, 10]
+  tokens = np.zeros((4, 12), np.int32)
+  mask = np.zeros((4, 12), np.int32)
+  for i, n in enumerate(lengths):
+    tokens[i, 12 - n:] = rs.randint(1, V, n)
+    mask[i, 12 - n:] = 1
+  return tokens, mask
+
+
+@pytest.fixture(scope="module")
+def full_logits(model):
+  cfg, params = model
+  return jax.jit(lambda t, m: forward(params, cfg, t, kv_valid_BxS=m)[0])
+
+
+def full_forward_logps(full_logits, out, temperature):
+  """Log-probs of the completion tokens from one forward over prompt + completion."""
+  P = out.prompt_tokens_BxP.shape[1]
+  tokens = jnp.concatenate([out.prompt_tokens_BxP, out.tokens_BxN], 1)
+  mask = jnp.concatenate([out.prompt_mask_BxP, out.mask_BxN], 1)
+  logits = full_logits(tokens, mask)[:, P - 1:-1] / temperature
+  logps = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), out.tokens_BxN[..., None], -1)[..., 0]
+  return np.asarray(logits), np.asarray(logps)
+
+
+@pytest.fixture(scope="module")
+def greedy_out(model, prompts):
+  cfg, params = model
+  return generate(params, cfg, *prompts, jax.random.PRNGKey(0), SamplingConfig(greedy=True, **BASE))
+
+
+def test_greedy_equals_stepwise_argmax_of_full_forward(greedy_out, full_logits):
+  out = greedy_out
+  P, N = out.prompt_tokens_BxP.shape[1], out.tokens_BxN.shape[1]
+  assert P == 16  # longest prompt 10 -> bucket 16
+  tokens = np.concatenate([out.prompt_tokens_BxP, np.zeros((4, N), np.int32)], 1)
+  mask = np.concatenate([out.prompt_mask_BxP, np.zeros((4, N), np.int32)], 1)
+  for t in range(N):  # right padding is invisible to earlier positions (causal)
+    tokens[:, P + t] = np.argmax(full_logits(tokens, mask)[:, P - 1 + t], -1)
+    mask[:, P + t] = 1
+  np.testing.assert_array_equal(out.tokens_BxN, tokens[:, P:])
+  assert np.all(out.mask_BxN == 1) and not np.any(out.stopped_B)
+  np.testing.assert_array_equal(out.lengths_B, N)
+  _, logps = full_forward_logps(full_logits, out, 1.0)
+  np.testing.assert_allclose(out.logps_BxN, logps, atol=1e-4)
+
+
+def allowed_set(z, top_k=0, top_p=1.0, min_p=0.0, tol=1e-4):
+  """Tokens a filter may emit, from full-forward scaled logits z [V]; `tol` widens every cut."""
+  keep = np.ones(V, bool)
+  if top_k:
+    keep &= z >= np.sort(z)[-top_k] - tol
+  if top_p < 1:
+    p = np.where(keep, np.exp(z - z.max()), 0)
+    p /= p.sum()
+    order = np.argsort(-p)
+    before = np.cumsum(p[order]) - p[order]
+    inside = np.zeros(V, bool)
+    inside[order[before < top_p + tol]] = True
+    keep &= inside
+  if min_p:
+    p = np.where(keep, np.exp(z - z[keep].max()), 0)
+    keep &= p >= min_p * (1 - tol)
+  return keep
+
+
+# Configs are shared with later tests so the compiled programs are too.
+FILTERS = [(0.7, dict(top_k=3)), (1.3, dict(top_p=0.5)), (0.9, dict(min_p=0.3)),
+           (1.0, dict(top_k=6, top_p=0.8, min_p=0.1))]
+
+
+def filter_config(temperature, filt, **kw):
+  return SamplingConfig(temperature=temperature, num_samples=16, **filt, **BASE, **kw)
+
+
+@pytest.mark.parametrize("temperature,filt", FILTERS)
+def test_filters_emit_only_allowed_tokens_and_logps_match(model, prompts, full_logits, temperature, filt):
+  cfg, params = model
+  outside, shrunk, emitted = 0, 0, set()
+  for seed in range(2):  # 2 x 64 rows x 8 tokens = 1024 draws
+    out = generate(params, cfg, *prompts, jax.random.PRNGKey(seed), filter_config(temperature, filt))
+    logits, logps = full_forward_logps(full_logits, out, temperature)
+    # Log-probs are of the unfiltered temperature-scaled distribution.
+    np.testing.assert_allclose(out.logps_BxN, logps, atol=1e-4)
+    toks = np.asarray(out.tokens_BxN)
+    for b in range(toks.shape[0]):
+      for t in range(toks.shape[1]):
+        keep = allowed_set(logits[b, t], **filt)
+        outside += not keep[toks[b, t]]
+        shrunk += keep.sum() < V // 2
+        emitted.add(int(toks[b, t]))
+  assert outside == 0
+  assert shrunk > 900  # the filter really restricted the choice
+  assert len(emitted) > 3  # and sampling is not degenerate
+
+
+def test_rows_stop_independently_and_samples_are_grouped(model, prompts, greedy_out):
+  cfg, params = model
+  free = np.asarray(greedy_out.tokens_BxN)
+  stops = (int(free[0, 2]), int(free[1, 5]))  # two stop ids, found at different steps
+  # Greedy x 2 samples: both copies of a prompt (one shared prefill) must equal the n=1 run.
+  out = jax.device_get(generate(params, cfg, *prompts, jax.random.PRNGKey(0), SamplingConfig(
+      greedy=True, stop_token_ids=stops, pad_token_id=31, num_samples=2, **BASE)))
+  pm = np.repeat(greedy_out.prompt_mask_BxP, 2, 0)
+  np.testing.assert_array_equal(out.prompt_mask_BxP, pm)
+  np.testing.assert_array_equal(out.prompt_tokens_BxP,  # left padding with this config's pad id
+                                np.where(pm, np.repeat(greedy_out.prompt_tokens_BxP, 2, 0), 31))
+  N = free.shape[1]
+  for r in range(8):
+    b = r // 2
+    hits = np.flatnonzero(np.isin(free[b], stops))
+    n = hits[0] + 1 if hits.size else N
+    assert out.lengths_B[r] == n and bool(out.stopped_B[r]) == bool(hits.size)
+    np.testing.assert_array_equal(out.tokens_BxN[r, :n], free[b, :n])
+    np.testing.assert_array_equal(out.tokens_BxN[r, n:], 31)
+    np.testing.assert_array_equal(out.mask_BxN[r], np.arange(N) < n)
+    np.testing.assert_allclose(out.logps_BxN[r, :n], greedy_out.logps_BxN[b, :n], atol=1e-6)
+    np.testing.assert_array_equal(out.logps_BxN[r, n:], 0.0)
+  assert out.lengths_B[0] <= 3 and out.lengths_B[2] <= 6 and len(set(out.lengths_B.tolist())) > 1
+
+
+def test_sampled_rows_stop_invariants(model, prompts, full_logits):
+  cfg, params = model
+  sc = SamplingConfig(temperature=1.5, num_samples=8, stop_token_ids=(1, 2, 3, 4), pad_token_id=0,
+                      prompt_buckets=BUCKETS, max_new_tokens=12)
+  out = jax.device_get(generate(params, cfg, *prompts, jax.random.PRNGKey(3), sc))
+  is_stop = np.isin(out.tokens_BxN, (1, 2, 3, 4)) & (out.mask_BxN == 1)
+  np.testing.assert_array_equal(out.lengths_B, out.mask_BxN.sum(1))
+  np.testing.assert_array_equal(out.stopped_B, is_stop.any(1))
+  for b in range(out.tokens_BxN.shape[0]):
+    n = out.lengths_B[b]
+    assert np.all(out.mask_BxN[b, :n] == 1) and np.all(out.tokens_BxN[b, n:] == 0)
+    assert not is_stop[b, :n - 1].any()  # only the last kept token may be a stop
+  assert out.stopped_B.any() and not out.stopped_B.all()
+  assert len(set(out.lengths_B.tolist())) > 2
+  _, logps = full_forward_logps(full_logits, out, 1.5)
+  m = out.mask_BxN == 1
+  assert np.abs(out.logps_BxN - logps)[m].max() <= 1e-4 and np.all(out.logps_BxN[~m] == 0)
+
+
+def test_rng_determinism(model, prompts):
+  cfg, params = model
+  sc = filter_config(*FILTERS[-1])
+  a, b, c = (generate(params, cfg, *prompts, jax.random.PRNGKey(s), sc) for s in (7, 7, 8))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert np.mean(np.asarray(a.tokens_BxN) != np.asarray(c.tokens_BxN)) > 0.3
+  assert np.any(np.asarray(a.tokens_BxN[0]) != np.asarray(a.tokens_BxN[1]))  # samples differ
+
+
+def test_too_long_prompt_is_refused(model):
+  cfg, params = model
+  tokens = np.ones((2, 40), np.int32)
+  with pytest.raises(ValueError, match=r"40 tokens is longer than the largest prompt bucket 32"):
+    generate(params, cfg, tokens, np.ones_like(tokens), jax.random.PRNGKey(0),
+             SamplingConfig(**BASE))
+
+
+@pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", 0.0),
+                                         ("top_k", -1), ("top_p", 0.0), ("min_p", 1.5),
+                                         ("num_samples", 0), ("prompt_buckets", (16, 8))])
+def test_config_validation_names_field(field, value):
+  with pytest.raises(ValueError, match=f"SamplingConfig.{field}"):
+    SamplingConfig(**{field: value})
+
+
+def test_compile_count_bounded_over_varied_prompt_lengths(model, caplog):
+  cfg, params = model
+  sc = SamplingConfig(greedy=True, **BASE)  # bucket 16 may already exist (greedy_out)
+  before = sampling.compile_count()
+  rs = np.random.RandomState(1)
+  lengths = (2, 5, 8, 9, 13, 16, 17, 25, 31, 3, 11, 32)
+  with caplog.at_level(logging.INFO, logger=sampling.__name__):
+    for n in lengths + lengths:
+      tokens = rs.randint(1, V, (4, n)).astype(np.int32)
+      out = generate(params, cfg, tokens, np.ones_like(tokens), jax.random.PRNGKey(0), sc)
+      assert out.prompt_tokens_BxP.shape[1] == next(b for b in BUCKETS if b >= n)
+  new = sampling.compile_count() - before
+  assert 2 <= new <= len(BUCKETS)  # one program per bucket, whatever the lengths
+  assert sum("compiled program" in r.getMessage() for r in caplog.records) == new
+
+
+def test_batch_sharding_matches_single_device(model, prompts):
+  cfg, params = model
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+  rules = {"embed": "fsdp", "mlp": "data"}
+  specs = jax.tree.map(lambda s: PartitionSpec(*(rules.get(a) for a in s)), logical_axes(cfg),
+                       is_leaf=lambda s: isinstance(s, PartitionSpec))
+  sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+  batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  tokens8 = np.concatenate([prompts[0], prompts[0][::-1]])
+  mask8 = np.concatenate([prompts[1], prompts[1][::-1]])
+  # 4 prompts x 16 samples: prompts enter replicated (4 rows can't split 8 ways), then the
+  # 64 rows are split; 8 prompts x 16: split on entry, prefill shared.
+  sc = filter_config(*FILTERS[-1])
+  for tok, msk in ((prompts[0], prompts[1]), (tokens8, mask8)):
+    ref = generate(params, cfg, tok, msk, jax.random.PRNGKey(5), sc)
+    out = generate(sharded, cfg, tok, msk, jax.random.PRNGKey(5), sc, batch_sharding=batch)
+    assert out.tokens_BxN.sharding.is_equivalent_to(batch, 2)
+    np.testing.assert_array_equal(out.tokens_BxN, ref.tokens_BxN)
+    np.testing.assert_allclose(out.logps_BxN, ref.logps_BxN, atol=1e-5)
