@@ -3,3 +3,4 @@
 from cispo_jax.model.config import ModelConfig
 from cispo_jax.model.transformer import (forward, init_cache, init_params, logical_axes,
                                          param_shapes, positions_from_mask)
+from cispo_jax.model.hf_io import load_config, load_model, load_params, load_tokenizer, save_model

@@ -129,6 +129,8 @@ def config_from_hf_dict(raw: dict[str, Any], path: str = "config.json", **run_ov
 
 def load_config(path: str, **run_overrides) -> ModelConfig:
   """ModelConfig of the HF directory `path`; run_overrides: dtype, param_dtype, lm_head_f32, remat."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path} is not a directory (expected a local Hugging Face model directory)")
   cfg_path = os.path.join(path, "config.json")
   return config_from_hf_dict(_read_json(cfg_path), cfg_path, **run_overrides)
 

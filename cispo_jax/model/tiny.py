@@ -2,7 +2,7 @@
 
 `build_char_tokenizer` makes a character-level tokenizer (one token per character);
 `make_tiny_model_dir` writes config.json + model.safetensors + tokenizer files with
-our own init and `save_model`, so transformers (and our loader) read it like a real
+our own parameter tree and `save_model`, so transformers (and our loader) read it like a real
 checkpoint. Weights are drawn at a scale that gives O(1) logits (biases and norm
 scales are random too), so parity tests are not comparing near-zero numbers.
 """
@@ -13,11 +13,11 @@ import string
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from cispo_jax.model.config import ModelConfig
-from cispo_jax.model.hf_io import _rope_from_hf, save_model
-from cispo_jax.model.transformer import init_params
+from cispo_jax.model.hf_io import _NP_DTYPES, _rope_from_hf, save_model
+from cispo_jax.model.transformer import param_shapes
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 DEFAULT_ALPHABET = string.ascii_letters + string.digits + " \n+-*/=().,:;?!'\"_<>#"
@@ -52,26 +52,30 @@ def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET, chat_template: str | 
   return out
 
 
-def _randomize(params, cfg: ModelConfig, seed: int):
-  """Redraw every leaf so logits are O(1) and no bias/norm is trivially 0/1."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+def random_params(cfg: ModelConfig, seed: int = 0):
+  """Numpy parameters with O(1) logits and no bias/norm trivially 0/1.
+
+  Drawn with numpy from `param_shapes`, so building a tiny model compiles nothing.
+  """
+  rng = np.random.default_rng(seed)
   fan_in = {"q_kernel": cfg.hidden_size, "k_kernel": cfg.hidden_size, "v_kernel": cfg.hidden_size,
             "o_kernel": cfg.num_heads * cfg.head_dim, "gate_kernel": cfg.hidden_size,
-            "up_kernel": cfg.hidden_size, "down_kernel": cfg.intermediate_size, "lm_head": cfg.hidden_size}
-  out = []
-  for i, (path, x) in enumerate(leaves):
+            "up_kernel": cfg.hidden_size, "down_kernel": cfg.intermediate_size, "lm_head": cfg.hidden_size,
+            # also the LM head when tied: keep those logits O(1)
+            "embed": cfg.hidden_size / 4}
+
+  def draw(path, s):
     name = path[-1].key
-    noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), i), x.shape, jnp.float32)
+    noise = rng.standard_normal(s.shape, dtype=np.float32)
     if name == "scale":
       y = 1.0 + 0.2 * noise
     elif name.endswith("bias"):
       y = 0.2 * noise
-    elif name == "embed":  # also the LM head when tied: keep those logits O(1)
-      y = noise / jnp.sqrt(float(cfg.hidden_size)) * 2.0
     else:
-      y = noise / jnp.sqrt(float(fan_in[name]))
-    out.append(y.astype(x.dtype))
-  return jax.tree_util.tree_unflatten(treedef, out)
+      y = noise / np.sqrt(fan_in[name])
+    return y.astype(_NP_DTYPES[cfg.param_dtype])
+
+  return jax.tree_util.tree_map_with_path(draw, param_shapes(cfg))
 
 
 def tiny_config(family: str = "qwen2", vocab_size: int = 128, hidden_size: int = 64,
@@ -113,5 +117,5 @@ def make_tiny_model_dir(path: str, family: str = "qwen2", tokenizer=None, hidden
                     num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
                     head_dim=head_dim, tie_word_embeddings=tie_word_embeddings,
                     rope_scaling=rope_scaling, **overrides)
-  params = _randomize(init_params(cfg, jax.random.PRNGKey(seed)), cfg, seed)
+  params = random_params(cfg, seed)
   return save_model(path, cfg, params, tokenizer=tokenizer)

@@ -13,6 +13,7 @@ positions come in separately per row, so left-padded rows decode correctly.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -231,8 +232,33 @@ def _init_boxed(cfg: ModelConfig, rng):
 
 
 def init_params(cfg: ModelConfig, rng) -> Params:
-  """Random parameters (plain arrays, no logical-axis boxes)."""
-  return nn.unbox(_init_boxed(cfg, rng))
+  """Random parameters (plain arrays): N(0, 0.02) weights, unit norm scales, zero biases."""
+  return _init_fn(cfg)(rng)
+
+
+@functools.lru_cache(maxsize=64)
+def _init_fn(cfg: ModelConfig):
+  # One normal draw for all weights, sliced per parameter: XLA then compiles one RNG
+  # kernel instead of one per parameter (a 2-layer tiny model: ~9 s -> ~1.5 s on CPU).
+  flat, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))
+  sizes = [math.prod(s.shape) for _, s in flat]
+
+  @jax.jit
+  def init(rng):
+    z = jax.random.normal(rng, (sum(sizes),), jnp.float32) * 0.02
+    out, offset = [], 0
+    for (path, s), size in zip(flat, sizes):
+      name = path[-1].key
+      if name == "scale":
+        out.append(jnp.ones(s.shape, s.dtype))
+      elif name.endswith("bias"):
+        out.append(jnp.zeros(s.shape, s.dtype))
+      else:
+        out.append(z[offset:offset + size].reshape(s.shape).astype(s.dtype))
+      offset += size
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+  return init
 
 
 def logical_axes(cfg: ModelConfig):
@@ -242,4 +268,5 @@ def logical_axes(cfg: ModelConfig):
 
 
 def param_shapes(cfg: ModelConfig):
-  return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+  """ShapeDtypeStructs of the parameters (no compilation, no memory)."""
+  return jax.eval_shape(lambda: nn.unbox(_init_boxed(cfg, jax.random.PRNGKey(0))))
