@@ -1,0 +1,56 @@
+"""Entry point: `python -m cispo_jax.train [--gin_file F] [--gin_param B] [--loss_type cispo ...]`.
+
+With no arguments it runs the default experiment: bootstrap a small offline model (cached), then
+CISPO RL on integer arithmetic, on whatever devices JAX sees, and print a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+
+def _split_distributed_args(argv):
+  p = argparse.ArgumentParser(add_help=False)
+  p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (CPU/GPU multi-process)")
+  p.add_argument("--num_processes", type=int, default=None)
+  p.add_argument("--process_id", type=int, default=None)
+  return p.parse_known_args(argv)
+
+
+def main(argv=None) -> dict:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "jax._src", "orbax", "httpx"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  dist, rest = _split_distributed_args(sys.argv[1:] if argv is None else argv)
+
+  from cispo_jax import config, sharding
+  configs = config.parse_args(rest)  # every config is built and validated before any compilation
+  sharding.initialize_distributed(dist.coordinator_address, dist.num_processes, dist.process_id)
+
+  from cispo_jax.bootstrap import bootstrap_model
+  from cispo_jax.trainer import Trainer
+  rl = configs["RLConfig"]
+  if not rl.model_dir:
+    path = bootstrap_model(configs["TaskConfig"], configs["BootstrapConfig"])
+    rl = dataclasses.replace(rl, model_dir=path)
+    configs["operative"] += f"# bootstrap model: RLConfig.model_dir = {path!r}\n"
+  trainer = Trainer(rl, configs["LossConfig"], configs["OptimConfig"], configs["MeshConfig"],
+                    configs["TaskConfig"], operative_config=configs["operative"])
+  summary = trainer.run()
+  if sharding.is_main_process():
+    loss = configs["LossConfig"]
+    print("\n=== cispo_jax summary ===")
+    print(f"loss: {loss.loss_type} (epsilon_low={loss.epsilon_low}, epsilon_high={loss.epsilon_high})")
+    print(f"held-out greedy pass@1: start {summary['eval_start']:.3f} -> end {summary['eval_end']:.3f} "
+          f"({100 * (summary['eval_end'] - summary['eval_start']):+.1f} points)")
+    print(f"RL iterations: {summary['iterations']} in {summary['seconds']:.0f} s; run dir: {rl.run_dir}")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("eval_start", "eval_end")}))
+  return summary
+
+
+if __name__ == "__main__":
+  main()

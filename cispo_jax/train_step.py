@@ -1,0 +1,130 @@
+"""The train state and the jitted update: log-probs -> policy loss -> grads -> optax.
+
+`train_step(state, minibatch)` is one pure function. Gradient accumulation adds the loss's
+unreduced sums and denominators over micro-batches (lax.scan) and divides once, so splitting a
+minibatch never changes the gradient. `update_on_rollout` runs num_iterations epochs of
+minibatches over one rollout batch inside a single jitted program.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from cispo_jax import losses
+from cispo_jax.model import ModelConfig, forward
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array  # optimizer steps taken
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw key data (uint32[2]); every random draw of the run derives from it
+
+  @classmethod
+  def create(cls, params, tx: optax.GradientTransformation, seed: int) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+               rng=jax.random.key_data(jax.random.PRNGKey(seed)))
+
+
+class RolloutBatch(NamedTuple):
+  """Everything an update needs about one rollout; leading dim B = prompts * n, grouped by prompt."""
+  tokens_BxL: jax.Array  # prompt (left-padded) + completion
+  kv_valid_BxL: jax.Array  # prompt mask | completion mask
+  mask_BxN: jax.Array  # completion tokens that enter the loss (f32)
+  old_logps_BxN: jax.Array
+  ref_logps_BxN: jax.Array  # zeros when no KL
+  adv_BxN: jax.Array  # per-token advantages (a sequence advantage broadcast, times any TIS weight)
+  group_ids_B: jax.Array
+
+
+class StepConfig(NamedTuple):
+  """Static (hashable) description of a train step."""
+  model: ModelConfig
+  loss: losses.LossConfig
+  temperature: float
+  micro_batches: int
+  num_generations: int
+  use_ref: bool
+
+
+def completion_logps(params, model_cfg: ModelConfig, tokens_BxL, kv_valid_BxL, n_completion: int,
+                     temperature: float):
+  """Log-probs and entropies of the last n_completion tokens, as the sampler computes them."""
+  logits_BxLxV, _ = forward(params, model_cfg, tokens_BxL, kv_valid_BxS=kv_valid_BxL)
+  logits_BxNxV = logits_BxLxV[:, -n_completion - 1:-1]
+  return losses.token_logps_and_entropy(logits_BxNxV, tokens_BxL[:, -n_completion:], temperature)
+
+
+def _loss_fn(params, mb: RolloutBatch, cfg: StepConfig):
+  logps_BxN, entropy_BxN = completion_logps(params, cfg.model, mb.tokens_BxL, mb.kv_valid_BxL,
+                                            mb.mask_BxN.shape[1], cfg.temperature)
+  out = losses.policy_loss(logps_BxN, mb.old_logps_BxN, mb.adv_BxN, mb.mask_BxN, cfg.loss,
+                           ref_logps_BxT=mb.ref_logps_BxN if cfg.use_ref else None,
+                           entropy_BxT=entropy_BxN, group_ids_B=mb.group_ids_B)
+  return out.loss_sum, out
+
+
+def split_micro(batch, micro: int, group: int):
+  """[B, ...] -> [micro, B/micro, ...], keeping each prompt group whole inside one micro-batch.
+
+  Micro-batch j takes groups j, j+micro, j+2*micro, ...: the leading (sharded) axis of the
+  batch stays leading, so on a data-parallel mesh every device feeds every micro-batch
+  and the split needs no communication.
+  """
+  def f(x):
+    B = x.shape[0]
+    g = B // group
+    x = x.reshape(g // micro, micro, group, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape(micro, B // micro, *x.shape[3:])
+  return jax.tree.map(f, batch)
+
+
+def train_step(state: TrainState, mb: RolloutBatch, *, cfg: StepConfig, tx, schedule):
+  """One optimizer step on one minibatch (accumulating over cfg.micro_batches)."""
+  micro = split_micro(mb, cfg.micro_batches, cfg.num_generations)
+
+  def body(carry, micro_batch):
+    grads_acc, denom_acc = carry
+    (loss_sum, out), grads = jax.value_and_grad(_loss_fn, has_aux=True)(state.params, micro_batch, cfg)
+    grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+    return (grads_acc, denom_acc + out.denominator), (loss_sum, out.metrics)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+  (grad_sum, denom), (loss_sums, metrics) = jax.lax.scan(body, (zeros, jnp.float32(0.0)), micro)
+  denom = jnp.maximum(denom, 1e-8)
+  grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = jax.tree.map(jnp.mean, metrics)
+  metrics.update(loss=loss_sums.sum() / denom, grad_norm=optax.tree.norm(grads),
+                 learning_rate=schedule(state.step))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def update_on_rollout(state: TrainState, batch: RolloutBatch, *, cfg: StepConfig, tx, schedule,
+                      num_iterations: int, num_minibatches: int):
+  """num_iterations passes over the rollout, each in num_minibatches shuffled (by group) minibatches.
+
+  Returns the new state and per-step metrics stacked [num_iterations * num_minibatches].
+  """
+  B = batch.tokens_BxL.shape[0]
+  n_groups = B // cfg.num_generations
+  rng, shuffle_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+  state = state.replace(rng=jax.random.key_data(rng))
+
+  def epoch(state, key):
+    group_perm = jax.random.permutation(key, n_groups)
+    rows = (group_perm[:, None] * cfg.num_generations + jnp.arange(cfg.num_generations)).reshape(-1)
+    shuffled = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), batch)
+    minibatches = split_micro(shuffled, num_minibatches, cfg.num_generations)
+    return jax.lax.scan(functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule), state, minibatches)
+
+  state, metrics = jax.lax.scan(epoch, state, jax.random.split(shuffle_key, num_iterations))
+  return state, jax.tree.map(lambda m: m.reshape(-1), metrics)

@@ -1,0 +1,353 @@
+"""The RL loop: prompts -> rollout -> rewards -> advantages -> old log-probs -> updates.
+
+Read top to bottom: config, set-up (mesh, model, sharded state, data, checkpoints), one
+iteration (`_rollout`, `_update`), eval, and `run`. Everything on the device is jitted once
+per prompt bucket; the host only tokenises, scores and logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from cispo_jax import advantages as adv_lib
+from cispo_jax import data as data_lib
+from cispo_jax import losses, sampling, sharding
+from cispo_jax.checkpoint import Checkpointer, abstract_like
+from cispo_jax.metrics import MetricWriter, plot_curves
+from cispo_jax.model import hf_io, logical_axes
+from cispo_jax.optim import OptimConfig, make_optimizer
+from cispo_jax.task import Scorer, TaskConfig, make_sources
+from cispo_jax.train_step import RolloutBatch, StepConfig, TrainState, completion_logps, update_on_rollout
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """The RL loop. Names follow TRL where they exist (num_generations, num_iterations)."""
+  run_dir: str = "runs/default"
+  model_dir: str = ""  # local HF directory; "" = bootstrap the small offline model (bootstrap.py)
+  total_steps: int = 40  # RL iterations (rollout + updates)
+  prompts_per_step: int = 16
+  num_generations: int = 8  # completions per prompt (the group)
+  num_iterations: int = 2  # passes over each rollout; > 1 makes the policy ratio depart from 1
+  num_minibatches: int = 2  # optimizer steps per pass
+  micro_batches: int = 1  # gradient accumulation inside each optimizer step
+  max_new_tokens: int = 8
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
+  advantage: str = "grpo"  # see advantages.ADVANTAGES
+  filter_zero_variance: bool = True  # groups whose rewards are all equal carry no signal
+  tis_cap: float = 0.0  # > 0: truncated IS correction min(pi_old / pi_sampler, cap) on the advantages
+  eval_every: int = 10
+  eval_size: int = 128
+  save_every: int = 10
+  keep_checkpoints: int = 2
+  seed: int = 0
+  export_final: bool = True
+  apply_chat_template: bool = False
+  # How to run the model (overrides of the checkpoint's config).
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  lm_head_f32: bool = True
+  remat: bool = False
+
+  def __post_init__(self):
+    positive = ("total_steps", "prompts_per_step", "num_generations", "num_iterations",
+                "num_minibatches", "micro_batches", "max_new_tokens", "eval_every", "save_every",
+                "eval_size", "keep_checkpoints")
+    for name in positive:
+      if getattr(self, name) < 1:
+        raise ValueError(f"RLConfig.{name}={getattr(self, name)}; must be >= 1")
+    if self.prompts_per_step % (self.num_minibatches * self.micro_batches):
+      raise ValueError(
+          f"RLConfig.prompts_per_step={self.prompts_per_step} must be divisible by num_minibatches *"
+          f" micro_batches={self.num_minibatches * self.micro_batches} (prompt groups are never split)")
+    if self.advantage not in adv_lib.ADVANTAGE_ESTIMATORS:
+      raise ValueError(f"RLConfig.advantage={self.advantage!r}; allowed: {sorted(adv_lib.ADVANTAGE_ESTIMATORS)}")
+    if not self.temperature > 0:
+      raise ValueError(f"RLConfig.temperature={self.temperature}; must be > 0")
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a run needs besides its configs; built once, shared by tests."""
+  model_cfg: Any
+  tokenizer: Any
+  mesh: jax.sharding.Mesh
+  state: TrainState
+  state_shardings: Any
+  ref_params: Any
+
+
+def _sampling_config(rl: RLConfig, tokenizer, *, greedy: bool, n: int) -> sampling.SamplingConfig:
+  return sampling.SamplingConfig(
+      max_new_tokens=rl.max_new_tokens, temperature=1.0 if greedy else rl.temperature, greedy=greedy,
+      top_k=0 if greedy else rl.top_k, top_p=1.0 if greedy else rl.top_p,
+      min_p=0.0 if greedy else rl.min_p, stop_token_ids=(tokenizer.eos_token_id,), num_samples=n,
+      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
+class Trainer:
+  def __init__(self, rl: RLConfig, loss: losses.LossConfig, optim: OptimConfig,
+               mesh_cfg: sharding.MeshConfig, task: TaskConfig, operative_config: str = "",
+               devices=None):
+    self.rl, self.loss_cfg, self.optim, self.task = rl, loss.resolved(), optim, task
+    self.main = sharding.is_main_process()
+    os.makedirs(rl.run_dir, exist_ok=True)
+    if self.main and operative_config:
+      with open(os.path.join(rl.run_dir, "operative_config.gin"), "w") as f:
+        f.write(operative_config)
+
+    # --- mesh and model -------------------------------------------------------------------
+    self.mesh = sharding.make_mesh(mesh_cfg, devices)
+    self.model_cfg, params = hf_io.load_model(rl.model_dir, dtype=rl.dtype, param_dtype=rl.param_dtype,
+                                              lm_head_f32=rl.lm_head_f32, remat=rl.remat)
+    self.tokenizer = hf_io.load_tokenizer(rl.model_dir)
+    if self.tokenizer.eos_token_id is None:
+      raise ValueError(f"tokenizer in {rl.model_dir} has no eos_token: the sampler needs a stop token")
+
+    # --- sharded state: parameters by the logical-axis rules, the optimizer state alike --------
+    updates_per_step = rl.num_iterations * rl.num_minibatches
+    self.tx, self.schedule = make_optimizer(optim, rl.total_steps * updates_per_step)
+    params_logical = logical_axes(self.model_cfg)
+    self.param_shardings = sharding.param_shardings(params_logical, params, self.mesh)
+    opt_shardings = sharding.param_shardings(
+        sharding.optimizer_logical_axes(self.tx, params_logical, params),
+        jax.eval_shape(self.tx.init, params), self.mesh)
+    rep = sharding.replicated(self.mesh)
+    self.state_shardings = TrainState(step=rep, params=self.param_shardings, opt_state=opt_shardings, rng=rep)
+    params = jax.device_put(params, self.param_shardings)
+    # Built directly in its layout: the optimizer state is born sharded like the params.
+    self.state = jax.jit(functools.partial(TrainState.create, tx=self.tx, seed=rl.seed),
+                         out_shardings=self.state_shardings)(params)
+    self.ref_params = params if self.loss_cfg.kl_coef else None  # only a KL needs the reference
+    if self.ref_params is not None:  # a copy: the state's params are donated by each update
+      self.ref_params = jax.tree.map(jnp.copy, params)
+    self.batch_sharding = sharding.batch_sharding(self.mesh, 1)  # dim 0 over the data axes, any rank
+
+    # --- data, rewards ---------------------------------------------------------------------
+    proc, nproc = jax.process_index(), jax.process_count()
+    if rl.prompts_per_step % nproc:
+      raise ValueError(f"RLConfig.prompts_per_step={rl.prompts_per_step} must be divisible by the "
+                       f"process count {nproc}")
+    train_src, eval_examples = make_sources(task, seed=rl.seed)
+    per = min(rl.eval_size, len(eval_examples)) // nproc
+    self.eval_examples = eval_examples[proc * per:(proc + 1) * per]  # this process's share
+    self.stream = data_lib.PromptStream(train_src, rl.prompts_per_step, seed=rl.seed).shard(proc, nproc)
+    self.scorer = Scorer(task)
+    self.train_sampling = _sampling_config(rl, self.tokenizer, greedy=False, n=rl.num_generations)
+    self.eval_sampling = _sampling_config(rl, self.tokenizer, greedy=True, n=1)
+
+    # --- jitted functions ------------------------------------------------------------------
+    self.step_cfg = StepConfig(model=self.model_cfg, loss=self.loss_cfg, temperature=rl.temperature,
+                               micro_batches=rl.micro_batches, num_generations=rl.num_generations,
+                               use_ref=self.ref_params is not None)
+    self._logps = jax.jit(functools.partial(self._batched_logps, cfg=self.step_cfg),
+                          static_argnames="n_completion", out_shardings=self.batch_sharding)
+    self._update = jax.jit(
+        functools.partial(update_on_rollout, cfg=self.step_cfg, tx=self.tx, schedule=self.schedule,
+                          num_iterations=rl.num_iterations, num_minibatches=rl.num_minibatches),
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+
+    # --- checkpoints, logs, resume -----------------------------------------------------------
+    self.ckpt = Checkpointer(os.path.join(rl.run_dir, "checkpoints"), rl.save_every, rl.keep_checkpoints)
+    self.writer = MetricWriter(rl.run_dir, enabled=self.main)
+    self.iteration = 0
+    self.reward_events = {"errors": 0, "timeouts": 0}
+    latest = self.ckpt.latest()
+    if latest is not None:
+      self.state, host = self.ckpt.restore(latest, abstract_like(self.state))
+      self.iteration = host["iteration"]
+      self.stream.restore(host["data"])
+      self.reward_events = host["reward_events"]
+      self.writer.truncate_after(self.iteration)
+      log.info("resumed from %s at iteration %d", self.ckpt.directory, self.iteration)
+
+  # --- one iteration -----------------------------------------------------------------------
+  @staticmethod
+  def _batched_logps(params, tokens_BxL, kv_valid_BxL, *, n_completion, cfg: StepConfig):
+    """Training-forward log-probs of the completions, micro-batched like the update."""
+    B = tokens_BxL.shape[0]
+    def one(args):
+      return completion_logps(params, cfg.model, *args, n_completion, cfg.temperature)[0]
+    chunks = (tokens_BxL.reshape(cfg.micro_batches, B // cfg.micro_batches, -1),
+              kv_valid_BxL.reshape(cfg.micro_batches, B // cfg.micro_batches, -1))
+    return jax.lax.map(one, chunks).reshape(B, n_completion)
+
+  def _global(self, x: np.ndarray) -> jax.Array:
+    """A host array that every process holds in full -> a batch-sharded global array."""
+    return jax.make_array_from_callback(x.shape, self.batch_sharding, lambda idx: x[idx])
+
+  def _local_rows(self, total: int) -> slice:
+    return sharding.process_batch_rows(self.mesh, total, self.batch_sharding)
+
+  def _generate(self, params, examples, key, cfg: sampling.SamplingConfig):
+    """Sample on the mesh; returns the outputs as host numpy arrays (the full global batch)."""
+    tok, mask = sampling.encode_prompts(self.tokenizer, [e.prompt for e in examples], cfg,
+                                        apply_chat_template=self.rl.apply_chat_template)
+    tok = sharding.host_local_batch_to_global(tok, self.mesh, self.batch_sharding)
+    mask = sharding.host_local_batch_to_global(mask, self.mesh, self.batch_sharding)
+    out = sampling.generate(params, self.model_cfg, tok, mask, key, cfg, batch_sharding=self.batch_sharding)
+    return jax.tree.map(_to_host, out)
+
+  def _score(self, out, examples, n: int):
+    """Score this process's rows; every process gets all rewards (advantages are global)."""
+    rows = self._local_rows(out.tokens_BxN.shape[0])
+    local = jax.tree.map(lambda x: x[rows], out)
+    texts = sampling.decode_completions(self.tokenizer, local)
+    local_examples = [e for e in examples for _ in range(n)]
+    rewards, stats = self.scorer(texts, local_examples)
+    return _allgather_host(rewards.astype(np.float32)), stats, texts
+
+  def _rollout(self, examples, key):
+    rl, n = self.rl, self.rl.num_generations
+    t0 = time.perf_counter()
+    out = self._generate(self.state.params, examples, key, self.train_sampling)
+    t1 = time.perf_counter()
+    rewards_B, stats, _ = self._score(out, examples, n)
+    for k in self.reward_events:
+      self.reward_events[k] += int(stats.get(k, 0))
+    adv_B = np.asarray(adv_lib.compute_advantages(rl.advantage, rewards_B, n), np.float32)
+    keep_B = (np.asarray(adv_lib.zero_variance_mask(rewards_B, n)) if rl.filter_zero_variance
+              else np.ones(rewards_B.shape, bool))
+    t2 = time.perf_counter()
+
+    N = out.tokens_BxN.shape[1]
+    tokens = self._global(np.concatenate([out.prompt_tokens_BxP, out.tokens_BxN], 1).astype(np.int32))
+    kv_valid = self._global(np.concatenate([out.prompt_mask_BxP, out.mask_BxN], 1).astype(bool))
+    old_logps = self._logps(self.state.params, tokens, kv_valid, n_completion=N)
+    ref_logps = (self._logps(self.ref_params, tokens, kv_valid, n_completion=N)
+                 if self.ref_params is not None else jnp.zeros_like(old_logps))
+    mask = np.asarray(out.mask_BxN, np.float32) * np.asarray(keep_B, np.float32)[:, None]
+    old_host, sampler_logps = _to_host(old_logps), np.asarray(out.logps_BxN, np.float32)
+    gap = np.abs(old_host - sampler_logps)
+    adv_BxN = np.broadcast_to(np.asarray(adv_B, np.float32)[:, None], mask.shape)
+    if rl.tis_cap > 0:  # sampler != trainer numerics: reweight by the truncated ratio pi_old / pi_sampler
+      adv_BxN = adv_BxN * np.minimum(np.exp(np.clip(old_host - sampler_logps, -20, 20)), rl.tis_cap)
+    batch = RolloutBatch(tokens, kv_valid, self._global(mask), old_logps, ref_logps,
+                         self._global(np.ascontiguousarray(adv_BxN, np.float32)),
+                         self._global(np.repeat(np.arange(len(rewards_B) // n, dtype=np.int32), n)))
+    valid = np.asarray(out.mask_BxN, bool)
+    metrics = {
+        "reward/mean": float(rewards_B.mean()), "reward/std": float(rewards_B.std()),
+        "reward/pass_rate": float((rewards_B >= 1.0).mean()),
+        "completion/length": float(np.asarray(out.lengths_B).mean()),
+        "completion/stopped": float(np.asarray(out.stopped_B).mean()),
+        "groups/kept_frac": float(keep_B.mean()),
+        "logp_gap/sampler_vs_trainer": float(gap[valid].mean()) if valid.any() else 0.0,
+        "reward_events/errors": self.reward_events["errors"],
+        "reward_events/timeouts": self.reward_events["timeouts"],
+        "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1,
+        "tokens/generated": float(valid.sum()),
+    }
+    return batch, metrics, bool(keep_B.any())
+
+  def step(self) -> dict:
+    """One RL iteration. Returns its metrics."""
+    t0 = time.perf_counter()
+    examples = self.stream.next_batch()
+    rng = jax.random.wrap_key_data(_to_host(self.state.rng))
+    sample_key = jax.random.fold_in(rng, self.iteration)
+    batch, metrics, any_signal = self._rollout(examples, sample_key)
+    t1 = time.perf_counter()
+    if any_signal:
+      self.state, step_metrics = self._update(self.state, batch)
+      step_metrics = jax.tree.map(lambda m: float(np.mean(_to_host(m))), step_metrics)
+      metrics.update({f"train/{k}": v for k, v in step_metrics.items()})
+    metrics["train/skipped_no_signal"] = float(not any_signal)
+    t2 = time.perf_counter()
+    metrics["time/update_s"] = t2 - t1
+    metrics["time/iteration_s"] = t2 - t0
+    metrics["tokens/per_s"] = metrics["tokens/generated"] / max(t2 - t0, 1e-9)
+    self.iteration += 1
+    return metrics
+
+  # --- eval --------------------------------------------------------------------------------
+  def evaluate(self) -> float:
+    """Held-out greedy pass@1 (first reward >= 1 counts as a pass)."""
+    examples = self.eval_examples
+    out = self._generate(self.state.params, examples, jax.random.PRNGKey(0), self.eval_sampling)
+    rows = self._local_rows(out.tokens_BxN.shape[0])
+    texts = sampling.decode_completions(self.tokenizer, jax.tree.map(lambda x: x[rows], out))
+    correct = self.scorer.passed(texts, examples).astype(np.float32)
+    return float(_allgather_host(correct).mean())
+
+  # --- the run -----------------------------------------------------------------------------
+  def _host_state(self) -> dict:
+    return {"iteration": self.iteration, "data": self.stream.state(), "reward_events": self.reward_events}
+
+  def run(self, stop_after: int | None = None) -> dict:
+    """Run to total_steps (or stop early after `stop_after` iterations, for tests). Returns a summary."""
+    rl = self.rl
+    summary_path = os.path.join(rl.run_dir, "summary.json")
+    summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    if self.iteration == 0 or "eval_start" not in summary:
+      summary["eval_start"] = self.evaluate()
+      self.writer.write(self.iteration, {"eval/pass@1": summary["eval_start"]})
+    bar = _progress(rl.total_steps, self.iteration, enabled=self.main)
+    t_start, done = time.perf_counter(), 0
+    while self.iteration < rl.total_steps and (stop_after is None or done < stop_after):
+      metrics = self.step()
+      done += 1
+      if self.iteration % rl.eval_every == 0 or self.iteration == rl.total_steps:
+        metrics["eval/pass@1"] = self.evaluate()
+      self.writer.write(self.iteration, metrics)
+      self.ckpt.maybe_save(self.iteration, self.state, self._host_state(),
+                           force=self.iteration == rl.total_steps)
+      bar.update(1)
+      bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", eval=metrics.get("eval/pass@1", ""),
+                      loss=f"{metrics.get('train/loss', 0):.3g}")
+    bar.close()
+    self.ckpt.wait()
+    if self.iteration < rl.total_steps:
+      self.ckpt.maybe_save(self.iteration, self.state, self._host_state(), force=True)
+      self.ckpt.wait()
+      if self.main:
+        json.dump(summary, open(summary_path, "w"))
+      return summary
+    summary.update(eval_end=self.evaluate() if "eval/pass@1" not in metrics else metrics["eval/pass@1"],
+                   iterations=self.iteration, seconds=time.perf_counter() - t_start,
+                   reward_events=self.reward_events)
+    if self.main:
+      summary["plot"] = plot_curves(rl.run_dir)
+      if rl.export_final:
+        export = os.path.join(rl.run_dir, "final_model")
+        hf_io.save_model(export, self.model_cfg, _to_host(self.state.params), self.tokenizer)
+        summary["final_model"] = export
+      json.dump(summary, open(summary_path, "w"), indent=1)
+    self.writer.close()
+    return summary
+
+
+def _to_host(x) -> np.ndarray:
+  """The full value of an array on this host (gathered from the other processes if needed)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _allgather_host(local: np.ndarray) -> np.ndarray:
+  """Concatenate every process's host array (in process order) on every process."""
+  if jax.process_count() == 1:
+    return local
+  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, disable=not enabled, desc="RL", dynamic_ncols=True)
