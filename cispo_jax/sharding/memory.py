@@ -1,0 +1,145 @@
+"""Per-device memory plan: params, grads, optimizer state, activations, KV cache.
+
+Parameters, gradients and optimizer moments are exact: every array's shard shape
+comes from the same `resolve_spec` that places it on a real mesh. Activations
+are an estimate (formula in `plan_memory`); XLA may fuse some buffers away or
+keep a few extra temporaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Mapping
+
+import jax
+import numpy as np
+
+from cispo_jax.model import ModelConfig, logical_axes, param_shapes
+from cispo_jax.sharding.mesh import CACHE_AXES, RULES, axis_sizes, resolve_spec, shard_shape
+
+# Public Qwen2.5 config.json values (base models). Run as: bf16 compute,
+# float32 master params, per-block remat.
+_QWEN = dict(rope_theta=1e6, qkv_bias=True, dtype="bfloat16", param_dtype="float32", remat=True)
+QWEN25 = {
+    "0.5B": ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                        num_heads=14, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6,
+                        tie_word_embeddings=True, max_position_embeddings=32768, **_QWEN),
+    "7B": ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                      num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, max_position_embeddings=131072, **_QWEN),
+    "32B": ModelConfig(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_layers=64,
+                       num_heads=40, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, max_position_embeddings=131072, **_QWEN),
+}
+
+# Optimizer moments per parameter.
+OPTIMIZER_MOMENTS = {"adamw": 2, "adam": 2, "lion": 1, "sgd_momentum": 1, "sgd": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+  """Bytes per device. `peak` assumes the KV cache is freed before the update."""
+
+  param_count: int
+  batch_per_device: int
+  rollout_batch_per_device: int
+  params: int
+  grads: int
+  optimizer: int
+  activations: int
+  kv_cache: int
+
+  @property
+  def peak(self) -> int:
+    return self.params + self.optimizer + max(self.grads + self.activations, self.kv_cache)
+
+
+@functools.lru_cache(maxsize=None)
+def _param_layout(cfg: ModelConfig):
+  """[(shape, logical spec)] of every parameter (abstract: nothing is allocated)."""
+  shapes = jax.tree.leaves(param_shapes(cfg))
+  specs = jax.tree.leaves(logical_axes(cfg), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  return tuple((tuple(s.shape), spec) for s, spec in zip(shapes, specs))
+
+
+def param_count(cfg: ModelConfig) -> int:
+  return sum(math.prod(shape) for shape, _ in _param_layout(cfg))
+
+
+def _itemsize(dtype_name: str) -> int:
+  return np.dtype(jax.numpy.dtype(dtype_name)).itemsize
+
+
+def _split(dim: int, name: str, sizes, rules) -> int:
+  """How many ways the rules split one dimension of this size on this mesh."""
+  return dim // shard_shape((dim,), resolve_spec((name,), (dim,), sizes, rules), sizes)[0]
+
+
+def plan_memory(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_size: int, seq_len: int, *,
+                param_bytes: int | None = None, grad_bytes: int | None = None, optimizer: str = "adamw",
+                opt_state_bytes: int = 4, act_bytes: int | None = None, remat: bool | None = None,
+                rollout_batch: int | None = None, rollout_len: int | None = None,
+                kv_bytes: int | None = None, rules=RULES) -> MemoryPlan:
+  """Per-device bytes of one training micro-batch and one rollout batch.
+
+  `batch_size` / `rollout_batch` are global sequence counts; `mesh_shape` is a
+  dict like {"fsdp": 4, "tensor": 2} (missing axes = 1). Byte sizes default to
+  the config's dtypes (params and grads: param_dtype; activations and KV cache:
+  dtype); optimizer moments default to float32.
+
+  params, grads, optimizer: sum over parameters of the per-device shard size
+  (rules + divisibility fallback, as placed by `param_shardings`) x bytes, and
+  x moments (adamw: 2) for the optimizer.
+
+  activations (estimate), with b = batch rows per device (batch over data x fsdp),
+  T = seq_len, a = act_bytes, E, F, H, K, D, V, L from the config, and h, k, f, v
+  the per-device heads, kv heads, MLP width and vocab after tensor splitting:
+      block(b) = b*T*a*(4E + 3h*D + 3k*D + 4f)   norm in/out x2, q/k/v pre+post
+                                                  RoPE, attention out, gate/up/
+                                                  silu/product
+               + b*h*T*T*(4 + a)                  f32 scores + probs (no flash)
+      head     = 3 * b*T*v*4                      f32 logits, log-softmax, dlogits
+      remat:     L*b*T*E*a + block(b) + head      block inputs kept, one block
+                                                  recomputed at a time
+      no remat:  L*block(b) + head
+  kv_cache = 2 (k, v) * L * b_r * S * k * D * kv_bytes, with b_r rollout rows per
+  device and S = rollout_len cache slots.
+  """
+  if optimizer not in OPTIMIZER_MOMENTS:
+    raise ValueError(f"plan_memory optimizer={optimizer!r}; allowed: {sorted(OPTIMIZER_MOMENTS)}")
+  for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+    if v < 1:
+      raise ValueError(f"plan_memory {name}={v}; must be >= 1")
+  cfg = model_cfg
+  sizes = axis_sizes(mesh_shape)
+  param_bytes = param_bytes or _itemsize(cfg.param_dtype)
+  grad_bytes = grad_bytes or param_bytes
+  act_bytes = act_bytes or _itemsize(cfg.dtype)
+  kv_bytes = kv_bytes or act_bytes
+  remat = cfg.remat if remat is None else remat
+  rollout_batch = rollout_batch or batch_size
+  rollout_len = rollout_len or seq_len
+
+  layout = _param_layout(cfg)
+  elems = sum(math.prod(shard_shape(shape, resolve_spec(spec, shape, sizes, rules), sizes))
+              for shape, spec in layout)
+
+  E, F, H, K, D, V, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                         cfg.head_dim, cfg.vocab_size, cfg.num_layers)
+  b = batch_size // _split(batch_size, "batch", sizes, rules)
+  h, k = H // _split(H, "heads", sizes, rules), K // _split(K, "kv_heads", sizes, rules)
+  f, v = F // _split(F, "mlp", sizes, rules), V // _split(V, "vocab", sizes, rules)
+  T, a = seq_len, act_bytes
+  block = b * T * a * (4 * E + 3 * h * D + 3 * k * D + 4 * f) + b * h * T * T * (4 + a)
+  head = 3 * b * T * v * 4
+  activations = (L * b * T * E * a + block + head) if remat else (L * block + head)
+
+  cache_shape = (L, rollout_batch, rollout_len, K, D)
+  cache_block = shard_shape(cache_shape, resolve_spec(CACHE_AXES, cache_shape, sizes, rules), sizes)
+  kv_cache = 2 * math.prod(cache_block) * kv_bytes
+  return MemoryPlan(param_count=param_count(cfg), batch_per_device=b, rollout_batch_per_device=cache_block[1],
+                    params=elems * param_bytes, grads=elems * grad_bytes,
+                    optimizer=elems * opt_state_bytes * OPTIMIZER_MOMENTS[optimizer],
+                    activations=activations, kv_cache=kv_cache)
