@@ -15,7 +15,6 @@ import logging
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-import gin
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
@@ -46,7 +45,6 @@ RULES: tuple[tuple[str, Any], ...] = (
 CACHE_AXES = P("layers", "batch", "length", "kv_heads", "head_dim")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Mesh axis sizes; -1 means "all the devices the other axes leave"."""
