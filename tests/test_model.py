@@ -191,6 +191,60 @@ def test_bf16_params_load_and_run(dirs, tmp_path):
     assert np.array_equal(np.asarray(a).astype(np.float32), np.asarray(c))
 
 
+# Abridged config.json files of real checkpoints (as published on the HF hub).
+REAL_CONFIGS = {
+    "Qwen2.5-0.5B-Instruct": dict(
+        architectures=["Qwen2ForCausalLM"], hidden_act="silu", hidden_size=896, intermediate_size=4864,
+        max_position_embeddings=32768, max_window_layers=21, num_attention_heads=14, num_hidden_layers=24,
+        num_key_value_heads=2, rms_norm_eps=1e-06, rope_theta=1000000.0, sliding_window=32768,
+        tie_word_embeddings=True, torch_dtype="bfloat16", use_sliding_window=False, vocab_size=151936),
+    "Llama-3.2-1B": dict(
+        architectures=["LlamaForCausalLM"], attention_bias=False, head_dim=64, hidden_act="silu",
+        hidden_size=2048, intermediate_size=8192, max_position_embeddings=131072, mlp_bias=False,
+        num_attention_heads=32, num_hidden_layers=16, num_key_value_heads=8, rms_norm_eps=1e-05,
+        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        rope_theta=500000.0, tie_word_embeddings=True, vocab_size=128256),
+    "Qwen3-0.6B": dict(
+        architectures=["Qwen3ForCausalLM"], attention_bias=False, head_dim=128, hidden_act="silu",
+        hidden_size=1024, intermediate_size=3072, max_position_embeddings=40960, max_window_layers=28,
+        num_attention_heads=16, num_hidden_layers=28, num_key_value_heads=8, rms_norm_eps=1e-06,
+        rope_scaling=None, rope_theta=1000000, sliding_window=None, tie_word_embeddings=True,
+        use_sliding_window=False, vocab_size=151936),
+}
+
+
+def test_real_checkpoint_configs_parse():
+  from cispo_jax.model.hf_io import config_from_hf_dict
+  from cispo_jax.model.transformer import param_shapes
+
+  n_params = {}
+  for name, raw in REAL_CONFIGS.items():
+    cfg = config_from_hf_dict(raw, name, param_dtype="bfloat16")
+    n_params[name] = sum(np.prod(x.shape) for x in jax.tree.leaves(param_shapes(cfg)))
+    assert cfg.tie_word_embeddings and cfg.param_dtype == "bfloat16"
+  q2, l3, q3 = (config_from_hf_dict(r) for r in REAL_CONFIGS.values())
+  assert (q2.qkv_bias, q2.o_bias, q2.qk_norm, q2.head_dim) == (True, False, False, 64)
+  assert (l3.qkv_bias, l3.qk_norm, l3.rope_scaling_dict["rope_type"], l3.rope_theta) == (False, False, "llama3", 5e5)
+  assert (q3.qk_norm, q3.head_dim, q3.num_heads * q3.head_dim, q3.rope_scaling) == (True, 128, 2048, None)
+  # Published parameter counts: 0.49B, 1.24B, 0.6B (0.44B without embeddings).
+  assert n_params["Qwen2.5-0.5B-Instruct"] == 494_032_768
+  assert n_params["Llama-3.2-1B"] == 1_235_814_400
+  assert n_params["Qwen3-0.6B"] == 596_049_920
+
+
+def test_load_params_places_each_tensor_with_its_sharding(dirs):
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  cfg, params = load_model(dirs["qwen2_tied"])
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  shardings = jax.tree.map(
+      lambda x: NamedSharding(mesh, P("d") if x.shape[0] % len(jax.devices()) == 0 else P()), params)
+  sharded = load_params(dirs["qwen2_tied"], cfg, shardings=shardings)
+  for a, b, s in zip(jax.tree.leaves(params), jax.tree.leaves(sharded), jax.tree.leaves(shardings)):
+    assert b.sharding == s and np.array_equal(np.asarray(a), np.asarray(b))
+
+
 # ----------------------------------------------------------------------------- save / load
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -44,6 +45,13 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; allowed: {sorted(_DTYPES)}")
+    if self.rope_scaling:
+      kind = self.rope_scaling_dict.get("rope_type", self.rope_scaling_dict.get("type", "default"))
+      if kind not in ROPE_TYPES:
+        raise ValueError(f"ModelConfig.rope_scaling type {kind!r} is not supported; "
+                         f"allowed: {', '.join(ROPE_TYPES)}")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even (rotary embeddings)")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
