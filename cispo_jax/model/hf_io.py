@@ -238,7 +238,10 @@ def _weight_files(path: str) -> list[str]:
     raise FileNotFoundError(f"{path} is not a directory")
   index = os.path.join(path, _INDEX)
   if os.path.isfile(index):
-    files = sorted(set(_read_json(index)["weight_map"].values()))
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index} has no 'weight_map' object (tensor name -> shard file)")
+    files = sorted(set(weight_map.values()))
     missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
     if missing:
       raise FileNotFoundError(f"{index} lists shard(s) missing from {path}: {missing}")
@@ -329,9 +332,10 @@ def save_model(path: str, cfg: ModelConfig, params, tokenizer=None, max_shard_by
   from safetensors.numpy import save_file
 
   os.makedirs(path, exist_ok=True)
-  # Leftovers of an earlier save would be picked up by the loader's *.safetensors glob.
-  for old in glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, _INDEX)):
-    os.remove(old)
+  # Leftover weights of an earlier save would be picked up by the loader's *.safetensors glob.
+  for pattern in ("model.safetensors", "model-*-of-*.safetensors", _INDEX):
+    for old in glob.glob(os.path.join(path, pattern)):
+      os.remove(old)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config_to_hf_dict(cfg, tokenizer), f, indent=2)
 

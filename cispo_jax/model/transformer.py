@@ -3,7 +3,9 @@
 The training and sampling code never touch the module: they call `forward(params, ...)`,
 a pure function of a parameter pytree. Every parameter is created with logical axis
 names (`nn.with_logical_partitioning`); `logical_axes(cfg)` returns them as a pytree
-of PartitionSpecs so sharding.py can map them to a mesh.
+of PartitionSpecs so sharding.py can map them to a mesh. Linen rather than NNX because
+the rest of the code wants exactly that: a stateless apply over a plain dict pytree
+(jit/grad/eval_shape/shardings act on it directly, HF names map 1:1 to its paths).
 
 Cache layout. A cache is a dict {"k", "v"} of arrays [layers, B, S, kv_heads, head_dim].
 Tokens are written at slot indices [cache_index, cache_index + T); the caller keeps a
