@@ -88,6 +88,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
   cfg: ModelConfig
+  layer: int = 0  # which slice of the stacked cache is ours
 
   @nn.compact
   def __call__(self, x_BxTxE, positions_BxT, kv_valid_BxS, cache_kv, cache_index):
@@ -118,10 +119,13 @@ class Attention(nn.Module):
       keys_BxSxKxD, values_BxSxKxD, new_kv = k_BxTxKxD, v_BxTxKxD, None
       q_slot_T = jnp.arange(T)
     else:
+      # The whole [L,B,S,K,D] cache is updated in place: slicing out a layer and re-stacking
+      # copied the entire cache twice per decode step.
       ck, cv = cache_kv
-      keys_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(ck, k_BxTxKxD.astype(ck.dtype), cache_index, 1)
-      values_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(cv, v_BxTxKxD.astype(cv.dtype), cache_index, 1)
-      new_kv = (keys_BxSxKxD, values_BxSxKxD)
+      at = (self.layer, 0, cache_index, 0, 0)
+      ck = jax.lax.dynamic_update_slice(ck, k_BxTxKxD[None].astype(ck.dtype), at)
+      cv = jax.lax.dynamic_update_slice(cv, v_BxTxKxD[None].astype(cv.dtype), at)
+      keys_BxSxKxD, values_BxSxKxD, new_kv = ck[self.layer], cv[self.layer], (ck, cv)
       q_slot_T = cache_index + jnp.arange(T)
     S = keys_BxSxKxD.shape[1]
     causal_TxS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
@@ -159,10 +163,11 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
   cfg: ModelConfig
+  layer: int = 0
 
   @nn.compact
   def __call__(self, x, positions_BxT, kv_valid_BxS, cache_kv, cache_index):
-    h, new_kv = Attention(self.cfg, name="attn")(
+    h, new_kv = Attention(self.cfg, self.layer, name="attn")(
         RMSNorm(self.cfg, self.cfg.hidden_size, name="input_norm")(x),
         positions_BxT, kv_valid_BxS, cache_kv, cache_index)
     x = x + h
@@ -179,13 +184,9 @@ class Transformer(nn.Module):
     embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
     x = jnp.take(embed, tokens_BxT, axis=0).astype(cfg.jnp_dtype)
     block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
-    new_k, new_v = [], []
+    kv = None if cache is None else (cache["k"], cache["v"])
     for i in range(cfg.num_layers):
-      layer_kv = None if cache is None else (cache["k"][i], cache["v"][i])
-      x, kv = block_cls(cfg, name=f"layers_{i}")(x, positions_BxT, kv_valid_BxS, layer_kv, cache_index)
-      if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+      x, kv = block_cls(cfg, i, name=f"layers_{i}")(x, positions_BxT, kv_valid_BxS, kv, cache_index)
     x = RMSNorm(cfg, cfg.hidden_size, name="final_norm")(x)
     if cfg.tie_word_embeddings:
       head_ExV = embed.T
@@ -194,7 +195,7 @@ class Transformer(nn.Module):
     head_dt = jnp.float32 if cfg.lm_head_f32 else cfg.jnp_dtype
     logits_BxTxV = jnp.einsum("bte,ev->btv", x.astype(head_dt), head_ExV.astype(head_dt),
                               preferred_element_type=jnp.float32)
-    new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+    new_cache = None if cache is None else {"k": kv[0], "v": kv[1]}
     return logits_BxTxV, new_cache
 
 
