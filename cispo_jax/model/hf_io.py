@@ -336,8 +336,10 @@ def save_model(path: str, cfg: ModelConfig, params, tokenizer=None, max_shard_by
   for pattern in ("model.safetensors", "model-*-of-*.safetensors", _INDEX):
     for old in glob.glob(os.path.join(path, pattern)):
       os.remove(old)
+  raw = config_to_hf_dict(cfg, tokenizer)
+  raw["torch_dtype"] = np.dtype(params["embed"].dtype).name  # what is on disk, whatever cfg says
   with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config_to_hf_dict(cfg, tokenizer), f, indent=2)
+    json.dump(raw, f, indent=2)
 
   layout = _layout(cfg)
   shards: list[list[str]] = [[]]
