@@ -312,10 +312,19 @@ def test_plan_activations_and_kv_cache():
   assert base.kv_cache == 2 * 28 * 8 * 4096 * 4 * 128 * 2
   tp = sharding.plan_memory(cfg, {"fsdp": 4, "tensor": 2}, 8, 2048, rollout_batch=64, rollout_len=4096)
   assert tp.kv_cache == base.kv_cache  # 2x rows per device, half the kv heads
+  # The docstring's formula, by hand: b=1 row, T=2048, bf16 (a=2), no tensor split.
+  E, F, H, K, D, V, L, T = 3584, 18944, 28, 4, 128, 152064, 28, 2048
+  block = T * 2 * (4 * E + 3 * H * D + 3 * K * D + 4 * F) + H * T * T * (4 + 2)
+  head = 4 * T * V * 4
+  unit = 2 * V * E * 4  # the embedding is the largest FSDP unit: gathered f32 + its gradient
+  assert base.activations == L * T * E * 2 + block + head + unit
   no_remat = sharding.plan_memory(cfg, {"fsdp": 8}, 8, 2048, remat=False)
-  assert no_remat.activations > 5 * base.activations
+  assert no_remat.activations == L * block + head + unit
+  data_only = sharding.plan_memory(cfg, {"data": 8}, 8, 2048)
+  assert data_only.activations == base.activations - unit  # nothing to gather without fsdp
   longer = sharding.plan_memory(cfg, {"fsdp": 8}, 8, 4096)
-  assert 2 * base.activations < longer.activations < 4 * base.activations  # linear + quadratic terms
+  # Twice the tokens: the per-token terms double, the attention scores quadruple.
+  assert 2 * (base.activations - unit) < longer.activations - unit < 4 * (base.activations - unit)
   assert base.peak == base.params + base.optimizer + max(base.grads + base.activations, base.kv_cache)
 
 

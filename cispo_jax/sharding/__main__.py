@@ -45,7 +45,7 @@ def main(argv=None):
   print(f"Per-device GiB. Params/grads float32, {args.optimizer} moments float32, bf16 activations and KV "
         f"cache, per-block remat. Train micro-batch: {args.seqs_per_shard} x {args.seq_len} tokens per "
         f"data x fsdp shard; rollout: {args.rollout_seqs_per_shard} x {args.rollout_len} cache slots per shard. "
-        "peak = params + optimizer + max(grads + activations, KV cache).")
+        "peak = params + optimizer + max(grads + activations, KV cache).\n")
   print(table(args.seq_len, args.seqs_per_shard, args.rollout_seqs_per_shard, args.rollout_len, args.optimizer))
 
 

@@ -2,8 +2,9 @@
 
 Parameters, gradients and optimizer moments are exact: every array's shard shape
 comes from the same `resolve_spec` that places it on a real mesh. Activations
-are an estimate (formula in `plan_memory`); XLA may fuse some buffers away or
-keep a few extra temporaries.
+are an estimate (formula in `plan_memory`): XLA may fuse buffers away or keep
+more temporaries (XLA:CPU kept 1.8-3x this for Qwen2.5-0.5B-shaped steps, mostly
+float32 [tokens, vocab] buffers of the log-prob path).
 """
 
 from __future__ import annotations
@@ -58,14 +59,19 @@ class MemoryPlan:
 
 @functools.lru_cache(maxsize=None)
 def _param_layout(cfg: ModelConfig):
-  """[(shape, logical spec)] of every parameter (abstract: nothing is allocated)."""
-  shapes = jax.tree.leaves(param_shapes(cfg))
+  """[(top-level name, shape, logical spec)] of every parameter (abstract: nothing is allocated)."""
+  shapes = jax.tree_util.tree_leaves_with_path(param_shapes(cfg))
   specs = jax.tree.leaves(logical_axes(cfg), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  return tuple((tuple(s.shape), spec) for s, spec in zip(shapes, specs))
+  return tuple((path[0].key, tuple(s.shape), spec) for (path, s), spec in zip(shapes, specs))
 
 
 def param_count(cfg: ModelConfig) -> int:
-  return sum(math.prod(shape) for shape, _ in _param_layout(cfg))
+  return sum(math.prod(shape) for _, shape, _ in _param_layout(cfg))
+
+
+def _local_elems(layout, sizes, rules) -> int:
+  return sum(math.prod(shard_shape(shape, resolve_spec(spec, shape, sizes, rules), sizes))
+             for _, shape, spec in layout)
 
 
 def _itemsize(dtype_name: str) -> int:
@@ -81,7 +87,7 @@ def plan_memory(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_siz
                 param_bytes: int | None = None, grad_bytes: int | None = None, optimizer: str = "adamw",
                 opt_state_bytes: int = 4, act_bytes: int | None = None, remat: bool | None = None,
                 rollout_batch: int | None = None, rollout_len: int | None = None,
-                kv_bytes: int | None = None, rules=RULES) -> MemoryPlan:
+                kv_bytes: int | None = None, head_copies: int = 4, rules=RULES) -> MemoryPlan:
   """Per-device bytes of one training micro-batch and one rollout batch.
 
   `batch_size` / `rollout_batch` are global sequence counts; `mesh_shape` is a
@@ -93,17 +99,26 @@ def plan_memory(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_siz
   (rules + divisibility fallback, as placed by `param_shardings`) x bytes, and
   x moments (adamw: 2) for the optimizer.
 
-  activations (estimate), with b = batch rows per device (batch over data x fsdp),
-  T = seq_len, a = act_bytes, E, F, H, K, D, V, L from the config, and h, k, f, v
+  activations (estimate, FSDP's gathered-weight working set included), with
+  b = batch rows per device (batch over data x fsdp), T = seq_len, a = act_bytes, E, F, H, K, D, V, L from the config, and h, k, f, v
   the per-device heads, kv heads, MLP width and vocab after tensor splitting:
       block(b) = b*T*a*(4E + 3h*D + 3k*D + 4f)   norm in/out x2, q/k/v pre+post
                                                   RoPE, attention out, gate/up/
                                                   silu/product
                + b*h*T*T*(4 + a)                  f32 scores + probs (no flash)
-      head     = 3 * b*T*v*4                      f32 logits, log-softmax, dlogits
-      remat:     L*b*T*E*a + block(b) + head      block inputs kept, one block
-                                                  recomputed at a time
-      no remat:  L*block(b) + head
+      head     = head_copies * b*T*v*4            f32 [T, V] buffers of the LM head
+                                                  and log-prob/entropy path (default
+                                                  4: logits, exp, dlogits, one spare)
+      unit     = 2 * U * param_bytes              U = elements of the largest FSDP
+                                                  unit (a block, the embedding or the
+                                                  LM head) gathered over fsdp (still
+                                                  split over tensor): the gathered
+                                                  weights and their full-size
+                                                  gradient before the reduce-scatter;
+                                                  0 when fsdp = 1
+      remat:     L*b*T*E*a + block(b) + head + unit   block inputs kept, one block
+                                                      recomputed at a time
+      no remat:  L*block(b) + head + unit
   kv_cache = 2 (k, v) * L * b_r * S * k * D * kv_bytes, with b_r rollout rows per
   device and S = rollout_len cache slots.
   """
@@ -123,8 +138,12 @@ def plan_memory(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_siz
   rollout_len = rollout_len or seq_len
 
   layout = _param_layout(cfg)
-  elems = sum(math.prod(shard_shape(shape, resolve_spec(spec, shape, sizes, rules), sizes))
-              for shape, spec in layout)
+  elems = _local_elems(layout, sizes, rules)
+  # FSDP all-gathers one unit (a block, the embedding, the LM head) at a time: full over
+  # fsdp, still split over tensor.
+  tensor_only = dict(sizes, data=1, fsdp=1)
+  units = {name for name, _, _ in layout}
+  gathered = max(_local_elems([x for x in layout if x[0] == u], tensor_only, rules) for u in units)
 
   E, F, H, K, D, V, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                          cfg.head_dim, cfg.vocab_size, cfg.num_layers)
@@ -133,8 +152,9 @@ def plan_memory(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_siz
   f, v = F // _split(F, "mlp", sizes, rules), V // _split(V, "vocab", sizes, rules)
   T, a = seq_len, act_bytes
   block = b * T * a * (4 * E + 3 * h * D + 3 * k * D + 4 * f) + b * h * T * T * (4 + a)
-  head = 3 * b * T * v * 4
-  activations = (L * b * T * E * a + block + head) if remat else (L * block + head)
+  head = head_copies * b * T * v * 4
+  unit = 2 * gathered * param_bytes if sizes["fsdp"] > 1 else 0
+  activations = (L * b * T * E * a + block + head + unit) if remat else (L * block + head + unit)
 
   cache_shape = (L, rollout_batch, rollout_len, K, D)
   cache_block = shard_shape(cache_shape, resolve_spec(CACHE_AXES, cache_shape, sizes, rules), sizes)
