@@ -100,8 +100,9 @@ def plan_memory(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_siz
   x moments (adamw: 2) for the optimizer.
 
   activations (estimate, FSDP's gathered-weight working set included), with
-  b = batch rows per device (batch over data x fsdp), T = seq_len, a = act_bytes, E, F, H, K, D, V, L from the config, and h, k, f, v
-  the per-device heads, kv heads, MLP width and vocab after tensor splitting:
+  b = batch rows per device (batch over data x fsdp), T = seq_len, a = act_bytes,
+  E, F, H, K, D, V, L from the config, and h, k, f, v the per-device heads, kv
+  heads, MLP width and vocab after tensor splitting:
       block(b) = b*T*a*(4E + 3h*D + 3k*D + 4f)   norm in/out x2, q/k/v pre+post
                                                   RoPE, attention out, gate/up/
                                                   silu/product
