@@ -152,62 +152,53 @@ def _generate_core(params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, model_cfg
   P = prompt_tokens_BxP.shape[1]
   pad = jnp.int32(cfg.pad_token_id)
   stop_ids = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
-  repeat = lambda x, axis=0: _constrain(jnp.repeat(x, n, axis=axis), sharding, axis)
+  batch = lambda x, axis=0: _constrain(x, sharding, axis)
+  repeat = lambda x, axis=0: batch(jnp.repeat(x, n, axis=axis), axis)
 
   if not share_prefill:  # repeat first: each copy is prefilled (needed when B can't be split)
     prompt_tokens_BxP, prompt_mask_BxP = repeat(prompt_tokens_BxP), repeat(prompt_mask_BxP)
   prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
   Bp = prompt_tokens_BxP.shape[0]
-  # Slots >= P are masked by causality until written, so kv_valid never changes after prefill.
-  kv_valid_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((Bp, N), jnp.int32)], axis=1) > 0
-  cache = jax.tree.map(lambda c: _constrain(c, sharding, 1), init_cache(model_cfg, Bp, P + N))
-  logits_BxPxV, cache = forward(params, model_cfg, prompt_tokens_BxP,
-                                positions_from_mask(prompt_mask_BxP), kv_valid_BxS, cache, 0)
-  logits_BxV = logits_BxPxV[:, -1]
+  # Slot P-1+t holds the token fed at decode step t. Slots not yet written are hidden by the
+  # causal mask, so kv_valid is fixed for the whole decode.
+  kv_valid_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((Bp, N - 1), jnp.int32)], axis=1) > 0
+  cache = jax.tree.map(lambda c: batch(c, 1), init_cache(model_cfg, Bp, P + N - 1))
+  if P > 1:
+    # Prefill all but the last prompt token and drop the logits: XLA then skips the LM head, which
+    # would be a [B, P, vocab] array. The last token is decode step 0.
+    _, cache = forward(params, model_cfg, prompt_tokens_BxP[:, :-1],
+                       positions_from_mask(prompt_mask_BxP)[:, :-1], kv_valid_BxS, cache, 0)
   if share_prefill and n > 1:  # one prefill per prompt, then copy its cache to its samples
-    logits_BxV, kv_valid_BxS = repeat(logits_BxV), repeat(kv_valid_BxS)
     cache = jax.tree.map(lambda c: repeat(c, 1), cache)
-    prompt_tokens_BxP, prompt_mask_BxP = repeat(prompt_tokens_BxP), repeat(prompt_mask_BxP)
+    kv_valid_BxS, prompt_tokens_BxP, prompt_mask_BxP = map(
+        repeat, (kv_valid_BxS, prompt_tokens_BxP, prompt_mask_BxP))
   B = prompt_tokens_BxP.shape[0]
-  prompt_len_B = prompt_mask_BxP.sum(axis=1)
+  last_pos_B = prompt_mask_BxP.sum(axis=1) - 1
 
-  def record(state, step, logits_BxV):
-    tokens_BxN, logps_BxN, done_B, stopped_B = state
-    tok_B, logp_B = choose_tokens(logits_BxV, jax.random.fold_in(rng, step), cfg)
+  def body(carry):
+    step, cache, tokens_BxN, logps_BxN, done_B, len_B = carry
+    prev_B1 = jnp.where(step == 0, prompt_tokens_BxP[:, -1:],
+                        jax.lax.dynamic_slice_in_dim(tokens_BxN, jnp.maximum(step - 1, 0), 1, axis=1))
+    logits_Bx1xV, cache = forward(params, model_cfg, prev_B1, (last_pos_B + step)[:, None],
+                                  kv_valid_BxS, cache, P - 1 + step)
+    tok_B, logp_B = choose_tokens(logits_Bx1xV[:, 0], jax.random.fold_in(rng, step), cfg)
     tok_B = jnp.where(done_B, pad, tok_B)
     logp_B = jnp.where(done_B, 0.0, logp_B)
     hit_B = ~done_B & jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
     tokens_BxN = jax.lax.dynamic_update_slice_in_dim(tokens_BxN, tok_B[:, None], step, 1)
     logps_BxN = jax.lax.dynamic_update_slice_in_dim(logps_BxN, logp_B[:, None], step, 1)
-    return tokens_BxN, logps_BxN, done_B | hit_B, stopped_B | hit_B
-
-  state = (_constrain(jnp.full((B, N), pad, jnp.int32), sharding),
-           _constrain(jnp.zeros((B, N), jnp.float32), sharding),
-           _constrain(jnp.zeros((B,), bool), sharding), _constrain(jnp.zeros((B,), bool), sharding))
-  state = record(state, 0, logits_BxV)
+    return step + 1, cache, tokens_BxN, logps_BxN, done_B | hit_B, jnp.where(hit_B, step + 1, len_B)
 
   def cond(carry):
-    step, _, state = carry
-    return (step < N) & ~jnp.all(state[2])
+    return (carry[0] < N) & ~jnp.all(carry[4])
 
-  def body(carry):
-    step, cache, state = carry
-    prev_B1 = jax.lax.dynamic_slice_in_dim(state[0], step - 1, 1, axis=1)
-    logits_Bx1xV, cache = forward(params, model_cfg, prev_B1, (prompt_len_B + step - 1)[:, None],
-                                  kv_valid_BxS, cache, P + step - 1)
-    return step + 1, cache, record(state, step, logits_Bx1xV[:, 0])
-
-  _, _, (tokens_BxN, logps_BxN, _, stopped_B) = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), cache, state))
-  # Done rows emit pad with done already set, so the mask is "not done before this step".
-  emitted_BxN = jnp.cumsum(jnp.pad(_stop_hits(tokens_BxN, stop_ids), ((0, 0), (1, 0)))[:, :-1], 1)
-  mask_BxN = (emitted_BxN == 0).astype(jnp.int32)
+  init = (jnp.int32(0), cache, batch(jnp.full((B, N), pad, jnp.int32)),
+          batch(jnp.zeros((B, N), jnp.float32)), batch(jnp.zeros((B,), bool)),
+          batch(jnp.full((B,), N, jnp.int32)))
+  _, _, tokens_BxN, logps_BxN, stopped_B, len_B = jax.lax.while_loop(cond, body, init)
+  mask_BxN = (jnp.arange(N)[None, :] < len_B[:, None]).astype(jnp.int32)
   return SampleOutput(prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN, logps_BxN,
-                      mask_BxN.sum(axis=1), stopped_B)
-
-
-def _stop_hits(tokens_BxN, stop_ids):
-  return jnp.any(tokens_BxN[..., None] == stop_ids, axis=-1).astype(jnp.int32)
+                      len_B, stopped_B)
 
 
 # ----------------------------------------------------------------------------- compile cache

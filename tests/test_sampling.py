@@ -232,3 +232,26 @@ def test_batch_sharding_matches_single_device(model, prompts):
     assert out.tokens_BxN.sharding.is_equivalent_to(batch, 2)
     np.testing.assert_array_equal(out.tokens_BxN, ref.tokens_BxN)
     np.testing.assert_allclose(out.logps_BxN, ref.logps_BxN, atol=1e-5)
+
+
+def test_text_helpers_roundtrip():
+  from cispo_jax.model.tiny import SIMPLE_CHAT_TEMPLATE, build_char_tokenizer
+
+  tok = build_char_tokenizer(chat_template=SIMPLE_CHAT_TEMPLATE)
+  sc = SamplingConfig(prompt_buckets=(4, 32), pad_token_id=tok.pad_token_id)
+  tokens, mask = sampling.encode_prompts(tok, ["ab", "hello world"], sc)
+  assert tokens.shape == (2, 32) and mask[0].sum() == 2 and mask[0, -2:].all()  # left padded
+  assert [tok.decode(t[m == 1]) for t, m in zip(tokens, mask)] == ["ab", "hello world"]
+  tokens, mask = sampling.encode_prompts(tok, ["ab"], sc, apply_chat_template=True)
+  assert tok.decode(tokens[0][mask[0] == 1]) == "user: ab\nassistant: "
+  with pytest.raises(ValueError, match="chat_template"):
+    sampling.encode_prompts(build_char_tokenizer(), ["ab"], sc, apply_chat_template=True)
+  with pytest.raises(ValueError, match="largest prompt bucket 32"):
+    sampling.encode_prompts(tok, ["x" * 33], sc)
+
+  eos, pad = tok.eos_token_id, tok.pad_token_id
+  ids = lambda s: tok(s)["input_ids"]
+  rows = [ids("hi") + [eos] + [pad] * 3, ids("4+5=9?")]
+  out = sampling.SampleOutput(None, None, np.array(rows), None, None, np.array([3, 6]),
+                              np.array([True, False]))
+  assert sampling.decode_completions(tok, out) == ["hi", "4+5=9?"]
