@@ -19,7 +19,7 @@ from cispo_jax import losses, sharding
 from cispo_jax.bootstrap import BootstrapConfig
 from cispo_jax.optim import OptimConfig
 from cispo_jax.task import TaskConfig
-from cispo_jax.trainer import RLConfig
+from cispo_jax.trainer import RLConfig, run_loss_config
 
 CONFIG_CLASSES = {c.__name__: c for c in (RLConfig, losses.LossConfig, OptimConfig, sharding.MeshConfig,
                                           TaskConfig, BootstrapConfig)}
@@ -81,7 +81,7 @@ def parse(gin_files: Sequence[str] = (), gin_params: Sequence[str] = (),
     bindings.append(f"{SHORTHANDS[flag]} = {_gin_literal(value)}")
   gin.parse_config_files_and_bindings(list(gin_files), bindings)
   built = {name: make() for name, make in makers.items()}
-  built["LossConfig"] = built["LossConfig"].resolved()  # validate now, before any compilation
+  built["LossConfig"] = run_loss_config(built["LossConfig"], built["RLConfig"])  # validated before compiling
   built["operative"] = _operative(built)
   return built
 

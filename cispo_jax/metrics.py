@@ -68,7 +68,7 @@ def plot_curves(run_dir: str, out_name: str = "curves.png") -> str | None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  series = [("reward/mean", "train reward (mean)"), ("eval/pass@1", "held-out greedy pass@1")]
+  series = [("reward/mean", "train reward (mean)"), ("eval/pass_at_1", "held-out greedy pass@1")]
   for ax, (key, title) in zip(axes, series):
     pts = [(r["iteration"], r[key]) for r in rows if r.get(key) is not None]
     if pts:

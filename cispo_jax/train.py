@@ -40,7 +40,10 @@ def main(argv=None) -> dict:
     configs["operative"] += f"# bootstrap model: RLConfig.model_dir = {path!r}\n"
   trainer = Trainer(rl, configs["LossConfig"], configs["OptimConfig"], configs["MeshConfig"],
                     configs["TaskConfig"], operative_config=configs["operative"])
-  summary = trainer.run()
+  try:
+    summary = trainer.run()
+  finally:
+    trainer.close()
   if sharding.is_main_process():
     loss = configs["LossConfig"]
     print("\n=== cispo_jax summary ===")

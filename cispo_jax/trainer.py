@@ -25,7 +25,7 @@ from cispo_jax import data as data_lib
 from cispo_jax import losses, sampling, sharding
 from cispo_jax.checkpoint import Checkpointer, abstract_like
 from cispo_jax.metrics import MetricWriter, plot_curves
-from cispo_jax.model import hf_io, logical_axes
+from cispo_jax.model import hf_io, logical_axes, param_shapes
 from cispo_jax.optim import OptimConfig, make_optimizer
 from cispo_jax.task import Scorer, TaskConfig, make_sources
 from cispo_jax.train_step import RolloutBatch, StepConfig, TrainState, completion_logps, update_on_rollout
@@ -59,6 +59,7 @@ class RLConfig:
   seed: int = 0
   export_final: bool = True
   apply_chat_template: bool = False
+  prompt_buckets: tuple = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # padded prompt lengths (one program each)
   # How to run the model (overrides of the checkpoint's config).
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -82,15 +83,11 @@ class RLConfig:
       raise ValueError(f"RLConfig.temperature={self.temperature}; must be > 0")
 
 
-@dataclasses.dataclass
-class Setup:
-  """What a run needs besides its configs; built once, shared by tests."""
-  model_cfg: Any
-  tokenizer: Any
-  mesh: jax.sharding.Mesh
-  state: TrainState
-  state_shardings: Any
-  ref_params: Any
+def run_loss_config(loss: losses.LossConfig, rl: RLConfig) -> losses.LossConfig:
+  """The loss as this run uses it: Dr.GRPO's constant normaliser defaults to max_new_tokens."""
+  if loss.max_completion_length is None:
+    loss = dataclasses.replace(loss, max_completion_length=rl.max_new_tokens)
+  return loss.resolved()
 
 
 def _sampling_config(rl: RLConfig, tokenizer, *, greedy: bool, n: int) -> sampling.SamplingConfig:
@@ -98,14 +95,15 @@ def _sampling_config(rl: RLConfig, tokenizer, *, greedy: bool, n: int) -> sampli
       max_new_tokens=rl.max_new_tokens, temperature=1.0 if greedy else rl.temperature, greedy=greedy,
       top_k=0 if greedy else rl.top_k, top_p=1.0 if greedy else rl.top_p,
       min_p=0.0 if greedy else rl.min_p, stop_token_ids=(tokenizer.eos_token_id,), num_samples=n,
-      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+      prompt_buckets=tuple(rl.prompt_buckets))
 
 
 class Trainer:
   def __init__(self, rl: RLConfig, loss: losses.LossConfig, optim: OptimConfig,
                mesh_cfg: sharding.MeshConfig, task: TaskConfig, operative_config: str = "",
                devices=None):
-    self.rl, self.loss_cfg, self.optim, self.task = rl, loss.resolved(), optim, task
+    self.rl, self.loss_cfg, self.optim, self.task = rl, run_loss_config(loss, rl), optim, task
     self.main = sharding.is_main_process()
     os.makedirs(rl.run_dir, exist_ok=True)
     if self.main and operative_config:
@@ -114,8 +112,8 @@ class Trainer:
 
     # --- mesh and model -------------------------------------------------------------------
     self.mesh = sharding.make_mesh(mesh_cfg, devices)
-    self.model_cfg, params = hf_io.load_model(rl.model_dir, dtype=rl.dtype, param_dtype=rl.param_dtype,
-                                              lm_head_f32=rl.lm_head_f32, remat=rl.remat)
+    self.model_cfg = hf_io.load_config(rl.model_dir, dtype=rl.dtype, param_dtype=rl.param_dtype,
+                                       lm_head_f32=rl.lm_head_f32, remat=rl.remat)
     self.tokenizer = hf_io.load_tokenizer(rl.model_dir)
     if self.tokenizer.eos_token_id is None:
       raise ValueError(f"tokenizer in {rl.model_dir} has no eos_token: the sampler needs a stop token")
@@ -123,20 +121,20 @@ class Trainer:
     # --- sharded state: parameters by the logical-axis rules, the optimizer state alike --------
     updates_per_step = rl.num_iterations * rl.num_minibatches
     self.tx, self.schedule = make_optimizer(optim, rl.total_steps * updates_per_step)
-    params_logical = logical_axes(self.model_cfg)
-    self.param_shardings = sharding.param_shardings(params_logical, params, self.mesh)
+    params_logical, shapes = logical_axes(self.model_cfg), param_shapes(self.model_cfg)
+    self.param_shardings = sharding.param_shardings(params_logical, shapes, self.mesh)
     opt_shardings = sharding.param_shardings(
-        sharding.optimizer_logical_axes(self.tx, params_logical, params),
-        jax.eval_shape(self.tx.init, params), self.mesh)
+        sharding.optimizer_logical_axes(self.tx, params_logical, shapes),
+        jax.eval_shape(self.tx.init, shapes), self.mesh)
     rep = sharding.replicated(self.mesh)
     self.state_shardings = TrainState(step=rep, params=self.param_shardings, opt_state=opt_shardings, rng=rep)
-    params = jax.device_put(params, self.param_shardings)
+    # Tensor by tensor from safetensors straight into its shards: never a second full copy.
+    params = hf_io.load_params(rl.model_dir, self.model_cfg, shardings=self.param_shardings)
     # Built directly in its layout: the optimizer state is born sharded like the params.
     self.state = jax.jit(functools.partial(TrainState.create, tx=self.tx, seed=rl.seed),
                          out_shardings=self.state_shardings)(params)
-    self.ref_params = params if self.loss_cfg.kl_coef else None  # only a KL needs the reference
-    if self.ref_params is not None:  # a copy: the state's params are donated by each update
-      self.ref_params = jax.tree.map(jnp.copy, params)
+    # Only a KL needs the reference; a copy, as each update donates the state's buffers.
+    self.ref_params = jax.tree.map(jnp.copy, params) if self.loss_cfg.kl_coef else None
     self.batch_sharding = sharding.batch_sharding(self.mesh, 1)  # dim 0 over the data axes, any rank
 
     # --- data, rewards ---------------------------------------------------------------------
@@ -167,14 +165,14 @@ class Trainer:
     # --- checkpoints, logs, resume -----------------------------------------------------------
     self.ckpt = Checkpointer(os.path.join(rl.run_dir, "checkpoints"), rl.save_every, rl.keep_checkpoints)
     self.writer = MetricWriter(rl.run_dir, enabled=self.main)
-    self.iteration = 0
+    self.iteration, self.eval_start = 0, None
     self.reward_events = {"errors": 0, "timeouts": 0}
     latest = self.ckpt.latest()
     if latest is not None:
       self.state, host = self.ckpt.restore(latest, abstract_like(self.state))
       self.iteration = host["iteration"]
       self.stream.restore(host["data"])
-      self.reward_events = host["reward_events"]
+      self.reward_events, self.eval_start = host["reward_events"], host["eval_start"]
       self.writer.truncate_after(self.iteration)
       log.info("resumed from %s at iteration %d", self.ckpt.directory, self.iteration)
 
@@ -289,49 +287,49 @@ class Trainer:
 
   # --- the run -----------------------------------------------------------------------------
   def _host_state(self) -> dict:
-    return {"iteration": self.iteration, "data": self.stream.state(), "reward_events": self.reward_events}
+    return {"iteration": self.iteration, "data": self.stream.state(), "reward_events": self.reward_events,
+            "eval_start": self.eval_start}
 
   def run(self, stop_after: int | None = None) -> dict:
-    """Run to total_steps (or stop early after `stop_after` iterations, for tests). Returns a summary."""
+    """Run to total_steps (or stop after `stop_after` more iterations, as tests interrupt). Returns a summary."""
     rl = self.rl
-    summary_path = os.path.join(rl.run_dir, "summary.json")
-    summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-    if self.iteration == 0 or "eval_start" not in summary:
-      summary["eval_start"] = self.evaluate()
-      self.writer.write(self.iteration, {"eval/pass@1": summary["eval_start"]})
+    if self.eval_start is None:
+      self.eval_start = self.evaluate()
+      self.writer.write(self.iteration, {"eval/pass_at_1": self.eval_start})
     bar = _progress(rl.total_steps, self.iteration, enabled=self.main)
-    t_start, done = time.perf_counter(), 0
+    t_start, done, last_eval = time.perf_counter(), 0, None
     while self.iteration < rl.total_steps and (stop_after is None or done < stop_after):
       metrics = self.step()
       done += 1
       if self.iteration % rl.eval_every == 0 or self.iteration == rl.total_steps:
-        metrics["eval/pass@1"] = self.evaluate()
+        last_eval = metrics["eval/pass_at_1"] = self.evaluate()
       self.writer.write(self.iteration, metrics)
-      self.ckpt.maybe_save(self.iteration, self.state, self._host_state(),
-                           force=self.iteration == rl.total_steps)
+      self.ckpt.maybe_save(self.iteration, self.state, self._host_state(), force=self.iteration == rl.total_steps)
       bar.update(1)
-      bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", eval=metrics.get("eval/pass@1", ""),
+      bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", eval=metrics.get("eval/pass_at_1", ""),
                       loss=f"{metrics.get('train/loss', 0):.3g}")
     bar.close()
+    finished = self.iteration >= rl.total_steps
+    self.ckpt.maybe_save(self.iteration, self.state, self._host_state(), force=True)  # no-op if saved
     self.ckpt.wait()
-    if self.iteration < rl.total_steps:
-      self.ckpt.maybe_save(self.iteration, self.state, self._host_state(), force=True)
-      self.ckpt.wait()
-      if self.main:
-        json.dump(summary, open(summary_path, "w"))
-      return summary
-    summary.update(eval_end=self.evaluate() if "eval/pass@1" not in metrics else metrics["eval/pass@1"],
-                   iterations=self.iteration, seconds=time.perf_counter() - t_start,
-                   reward_events=self.reward_events)
-    if self.main:
+    summary = {"eval_start": self.eval_start, "iterations": self.iteration,
+               "seconds": time.perf_counter() - t_start, "reward_events": dict(self.reward_events)}
+    if finished:
+      summary["eval_end"] = last_eval if last_eval is not None else self.evaluate()
+    if self.main and finished:
       summary["plot"] = plot_curves(rl.run_dir)
       if rl.export_final:
         export = os.path.join(rl.run_dir, "final_model")
-        hf_io.save_model(export, self.model_cfg, _to_host(self.state.params), self.tokenizer)
+        hf_io.save_model(export, self.model_cfg, jax.tree.map(_to_host, self.state.params), self.tokenizer)
         summary["final_model"] = export
-      json.dump(summary, open(summary_path, "w"), indent=1)
-    self.writer.close()
+      with open(os.path.join(rl.run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
     return summary
+
+  def close(self):
+    self.ckpt.close()
+    self.writer.close()
+    self.scorer.close()
 
 
 def _to_host(x) -> np.ndarray:

@@ -84,6 +84,23 @@ def parse_mesh(text: str) -> sharding.MeshConfig:
   return sharding.MeshConfig(**{k: int(v) for k, v in (kv.split("=") for kv in text.split(","))})
 
 
+def run_rl(args):
+  """Two RL iterations of the real Trainer on the global mesh (test_scaleout.py's config)."""
+  from test_scaleout import OPTIM, TASK, rl_config  # this file's folder is sys.path[0]
+
+  from cispo_jax import losses
+  from cispo_jax.trainer import Trainer
+
+  trainer = Trainer(rl_config(args.rl_model_dir, args.rl_run_dir, total_steps=2), losses.LossConfig(),
+                    OPTIM, parse_mesh(args.mesh), TASK)
+  trainer.run()
+  params = {f"param{jax.tree_util.keystr(k)}": v for k, v in jax.tree_util.tree_leaves_with_path(trainer.state.params)}
+  gathered = jax.jit(lambda t: t, out_shardings=sharding.replicated(trainer.mesh))(params)
+  np.savez(args.out, iterations=np.array(trainer.iteration),
+           **{k: np.asarray(v.addressable_data(0)) for k, v in gathered.items()})
+  trainer.close()
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--coordinator", required=True)
@@ -91,9 +108,15 @@ def main(argv=None):
   ap.add_argument("--process_id", type=int, required=True)
   ap.add_argument("--mesh", default="data=1,fsdp=2,tensor=2")
   ap.add_argument("--out", required=True)
+  ap.add_argument("--rl_model_dir", default=None, help="run RL iterations on this model instead of one step")
+  ap.add_argument("--rl_run_dir", default=None)
   args = ap.parse_args(argv)
   sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
                                   cpu_collectives="gloo", initialization_timeout=60)
+  if args.rl_model_dir:
+    run_rl(args)
+    jax.distributed.shutdown()
+    return 0
   mesh = sharding.make_mesh(parse_mesh(args.mesh))
   tokens_BxT, mask_BxT = global_batch()
   rows = sharding.process_batch_rows(mesh, BATCH)

@@ -52,6 +52,7 @@ def test_every_loss_trains_end_to_end(model_dir, tmp_path, loss_type):
   trainer = _trainer(_rl(model_dir, tmp_path, filter_zero_variance=False), loss)
   before = _host(trainer.state.params)
   summary = trainer.run()
+  trainer.close()
   after = _host(trainer.state.params)
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
   assert any(changed), f"{loss_type}: no parameter changed"
@@ -82,10 +83,12 @@ def test_interrupted_run_resumes_exactly(model_dir, tmp_path):
 
   part = _trainer(_rl(model_dir, tmp_path / "part", **rl))
   part.run(stop_after=2)  # "interrupted" after iteration 2 (its checkpoint is written)
-  del part
+  part.close()
   resumed = _trainer(_rl(model_dir, tmp_path / "part", **rl))
   assert resumed.iteration == 2
   resumed.run()
+  full.close()
+  resumed.close()
 
   for a, b in zip(jax.tree.leaves(_host(full.state)), jax.tree.leaves(_host(resumed.state))):
     np.testing.assert_array_equal(a, b)  # bitwise on CPU
@@ -93,17 +96,21 @@ def test_interrupted_run_resumes_exactly(model_dir, tmp_path):
   s_full = json.load(open(tmp_path / "full" / "summary.json"))
   s_part = json.load(open(tmp_path / "part" / "summary.json"))
   assert (s_full["eval_start"], s_full["eval_end"]) == (s_part["eval_start"], s_part["eval_end"])
+  assert s_part["iterations"] == 4
 
 
 def test_zero_variance_groups_are_masked_not_dropped(model_dir, tmp_path):
   """A batch whose groups all score alike yields no update (and says so) instead of a NaN step."""
   trainer = _trainer(_rl(model_dir, tmp_path, total_steps=1))
+  real_scorer = trainer.scorer
   trainer.scorer = lambda texts, examples: (np.ones(len(texts), np.float32), {})  # every group alike
   before = _host(trainer.state.params)
   metrics = trainer.step()
   assert metrics["groups/kept_frac"] == 0.0 and metrics["train/skipped_no_signal"] == 1.0
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(_host(trainer.state.params))):
     np.testing.assert_array_equal(a, b)
+  trainer.scorer = real_scorer
+  trainer.close()
 
 
 def test_rl_config_validation():
