@@ -289,7 +289,15 @@ def generate(params, model_cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP,
     ids = np.atleast_1d(getattr(cfg, name))
     if ids.size and ids.max() >= model_cfg.vocab_size:
       raise ValueError(f"SamplingConfig.{name}={getattr(cfg, name)} must be < vocab_size={model_cfg.vocab_size}")
-  tokens_BxP, mask_BxP = left_pad(prompt_tokens_BxP, prompt_mask_BxP, cfg)
+  if isinstance(prompt_tokens_BxP, jax.Array) and not prompt_tokens_BxP.is_fully_addressable:
+    # Multi-host: a global array no process can read whole; the caller padded it to a bucket
+    # (encode_prompts does) before sharding it, so it goes in as it is.
+    if prompt_tokens_BxP.shape[1] not in cfg.prompt_buckets:
+      raise ValueError(f"multi-host prompts of length {prompt_tokens_BxP.shape[1]} must be padded to a bucket "
+                       f"{cfg.prompt_buckets} before they are sharded (use encode_prompts)")
+    tokens_BxP, mask_BxP = prompt_tokens_BxP, prompt_mask_BxP
+  else:
+    tokens_BxP, mask_BxP = left_pad(prompt_tokens_BxP, prompt_mask_BxP, cfg)
   share_prefill = cfg.num_samples > 1
   if batch_sharding is None:
     tokens_BxP, mask_BxP = jnp.asarray(tokens_BxP), jnp.asarray(mask_BxP)
@@ -302,7 +310,11 @@ def generate(params, model_cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP,
     share_prefill &= split
     tokens_BxP, mask_BxP = (jax.device_put(x, batch_sharding if split else replicated)
                             for x in (tokens_BxP, mask_BxP))
-    rng = jax.device_put(rng, replicated)
+    # Via the host: a key committed to one local device can't be put on a multi-host sharding.
+    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    raw = np.asarray(jax.device_get(jax.random.key_data(rng) if typed else rng))
+    rng = jax.device_put(raw, replicated)
+    rng = jax.random.wrap_key_data(rng) if typed else rng
   args = (tokens_BxP, mask_BxP, rng)
   return _program(params, model_cfg, cfg, share_prefill, batch_sharding, args)(params, *args)
 
