@@ -86,6 +86,7 @@ def main():
       fn()
       times[name].append(time.perf_counter() - t0)
 
+  load = os.getloadavg()[0]
   med = {k: statistics.median(v) for k, v in times.items()}
   tps = {k: B * N / v for k, v in med.items()}
   print(f"model: Qwen2, {n_params / 1e6:.2f}M params, vocab {cfg.vocab_size} (chars), float32, CPU "
@@ -98,6 +99,12 @@ def main():
     print(f"  {label:22s} {tps[k]:10.0f} tokens/s   ({med[k] * 1e3:7.1f} ms/batch; runs ms: "
           f"{' '.join(f'{t * 1e3:.0f}' for t in times[k])})")
   print(f"  ratio ours / transformers: {tps['ours'] / tps['hf']:.2f}x")
+  # Both sides run the same dense matmuls; this says how close each is to the hardware.
+  flops_tok = 2 * (n_params - cfg.vocab_size * cfg.hidden_size)  # embedding lookup is free
+  fed = {"ours": B * (tokens.shape[1] + N - 1), "hf": B * (enc["input_ids"].shape[1] + N - 1)}
+  print(f"  model FLOPs: {flops_tok / 1e6:.1f} MFLOP/token -> ours {fed['ours'] * flops_tok / med['ours'] / 1e9:.0f}"
+        f" GFLOP/s, transformers {fed['hf'] * flops_tok / med['hf'] / 1e9:.0f} GFLOP/s (tokens through the"
+        f" model incl. prompt padding: {fed['ours']} vs {fed['hf']}); 1-min load average {load:.1f}")
 
 
 if __name__ == "__main__":

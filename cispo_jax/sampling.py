@@ -14,6 +14,10 @@ log-probs up to float error; the filters only restrict which tokens can be drawn
 Compiled programs are cached per (prompt bucket, batch size, sampling config, model config,
 parameter layout, sharding); `compile_count()` says how many were built, and each new one is
 logged, so a run with varied prompt lengths compiles at most one program per bucket.
+
+Memory: the KV cache [layers, B, bucket + max_new_tokens - 1, kv_heads, head_dim] is created
+inside the program and updated in place by the loop, so there is no input buffer to donate;
+with `num_samples > 1` each prompt is prefilled once and its cache copied to its samples.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class SamplingConfig:
 
   Filters apply in the order top-k, top-p, min-p, each to the (renormalised) distribution the
   previous one left, all on the temperature-scaled logits (the HF `generate` order).
+  `greedy=True` takes the argmax and ignores temperature and filters; an evaluation config is
+  typically `dataclasses.replace(train_cfg, greedy=True, num_samples=1)`.
   """
 
   max_new_tokens: int = 64
@@ -228,9 +234,9 @@ def _program(params, model_cfg, cfg, share_prefill, sharding, args):
                                                 share_prefill=share_prefill, sharding=sharding))
     prog = core.lower(params, *args).compile()
     _PROGRAMS[key] = prog
-    _log.info("sampling: compiled program #%d (batch=%d, prompt bucket=%d, max_new_tokens=%d, "
-                 "num_samples=%d)", len(_PROGRAMS), args[0].shape[0], args[0].shape[1],
-                 cfg.max_new_tokens, cfg.num_samples)
+    _log.info("sampling: compiled program #%d (prompts=%d x samples=%d, prompt bucket=%d, "
+              "max_new_tokens=%d)", len(_PROGRAMS), args[0].shape[0], cfg.num_samples,
+              args[0].shape[1], cfg.max_new_tokens)
   return prog
 
 
