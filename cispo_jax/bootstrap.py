@@ -43,6 +43,9 @@ class BootstrapConfig:
   sft_batch_size: int = 64
   sft_learning_rate: float = 3e-3
   sft_examples: int = 4000  # size of the SFT slice of the training split
+  # Share of SFT targets written as worked solutions (meta["scratchpad"]) instead of bare answers:
+  # the warm start then knows both behaviours, and RL has to find out which one pays.
+  sft_scratchpad_fraction: float = 0.0
   seed: int = 0
 
   def __post_init__(self):
@@ -52,14 +55,22 @@ class BootstrapConfig:
         raise ValueError(f"BootstrapConfig.{name}={getattr(self, name)}; must be >= 1")
     if self.sft_steps < 0:
       raise ValueError(f"BootstrapConfig.sft_steps={self.sft_steps}; must be >= 0")
+    if not 0.0 <= self.sft_scratchpad_fraction <= 1.0:
+      raise ValueError(f"BootstrapConfig.sft_scratchpad_fraction={self.sft_scratchpad_fraction}; must be in [0, 1]")
 
 
-def _sft_arrays(tokenizer, examples, eos_id: int):
+def sft_completion(example, rng: np.random.Generator, scratchpad_fraction: float) -> str:
+  if "scratchpad" in example.meta and rng.random() < scratchpad_fraction:
+    return example.meta["scratchpad"]
+  return data_lib.reference_completion(example)
+
+
+def _sft_arrays(tokenizer, examples, eos_id: int, scratchpad_fraction: float = 0.0, seed: int = 0):
   """Right-padded prompt+completion+eos token arrays and a mask over the completion part."""
-  rows = []
+  rows, rng = [], np.random.default_rng(seed)
   for ex in examples:
     p = tokenizer.encode(ex.prompt, add_special_tokens=False)
-    c = tokenizer.encode(data_lib.reference_completion(ex), add_special_tokens=False) + [eos_id]
+    c = tokenizer.encode(sft_completion(ex, rng, scratchpad_fraction), add_special_tokens=False) + [eos_id]
     rows.append((p, c))
   L = max(len(p) + len(c) for p, c in rows)
   tokens = np.zeros((len(rows), L), np.int32)
@@ -114,7 +125,8 @@ def bootstrap_model(task_cfg, cfg: BootstrapConfig) -> str:
                           num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
   params = init_params(model_cfg, jax.random.PRNGKey(cfg.seed))
   examples = [train_src[i] for i in range(min(cfg.sft_examples, len(train_src)))]
-  tokens, valid, target = _sft_arrays(tokenizer, examples, tokenizer.eos_token_id)
+  tokens, valid, target = _sft_arrays(tokenizer, examples, tokenizer.eos_token_id, cfg.sft_scratchpad_fraction,
+                                     cfg.seed)
   params, curve = sft(params, model_cfg, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(target), cfg)
   save_model(path, model_cfg, jax.device_get(params), tokenizer)
   with open(os.path.join(path, "bootstrap.json"), "w") as f:  # written last: marks a complete directory

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 from typing import Any, Sequence
 
 import gin
@@ -66,14 +67,23 @@ def _gin_literal(value: str) -> str:
     return repr(value)
 
 
-def parse(gin_files: Sequence[str] = (), gin_params: Sequence[str] = (),
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+DEFAULT_GIN = os.path.join(CONFIG_DIR, "default.gin")  # the offline CPU experiment
+
+
+def parse(gin_files: Sequence[str] | None = None, gin_params: Sequence[str] = (),
           shorthands: dict[str, str] | None = None) -> dict[str, Any]:
   """Parse gin files + bindings (+ shorthand flags) and build every config object.
 
-  Returns {"RLConfig": RLConfig(...), "LossConfig": ..., ..., "operative": config text}.
+  gin_files=None means the packaged default experiment (configs/default.gin); gin files can
+  `include 'default.gin'` to start from it. Later bindings win: files, then --gin_param, then
+  the shorthand flags. Returns {"RLConfig": RLConfig(...), "LossConfig": ..., "operative": text}.
   """
   makers = _makers()
   gin.clear_config()
+  gin.add_config_file_search_path(CONFIG_DIR)
+  if gin_files is None:
+    gin_files = [DEFAULT_GIN]
   bindings = list(gin_params)
   for flag, value in (shorthands or {}).items():
     if flag not in SHORTHANDS:
@@ -96,8 +106,9 @@ def _operative(built: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="cispo_jax.train", description=__doc__.split("\n")[0])
-  p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  p = argparse.ArgumentParser(prog="cispo_jax.train", description=__doc__.split("\n")[0], allow_abbrev=False)
+  p.add_argument("--gin_file", action="append", default=None,
+                 help="gin file (repeatable); default: the packaged configs/default.gin")
   p.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. RLConfig.seed=1")
   for flag, target in SHORTHANDS.items():
     p.add_argument(f"--{flag}", default=None, help=f"shorthand for {target}")

@@ -11,7 +11,7 @@ from cispo_jax import data as data_lib
 from cispo_jax import rewards as reward_lib
 
 # The reward each source is judged by when TaskConfig.rewards is left empty.
-DEFAULT_REWARD = {"arithmetic": "exact_numeric", "countdown": "countdown", "jsonl": "math_verify"}
+DEFAULT_REWARD = {"arithmetic": "final_numeric", "countdown": "countdown", "jsonl": "math_verify"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import sys
 
 
 def _split_distributed_args(argv):
-  p = argparse.ArgumentParser(add_help=False)
+  p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
   p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (CPU/GPU multi-process)")
   p.add_argument("--num_processes", type=int, default=None)
   p.add_argument("--process_id", type=int, default=None)

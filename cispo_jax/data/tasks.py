@@ -96,8 +96,23 @@ class _Task(collections.abc.Sequence):
     return self._examples[index]
 
 
+def addition_scratchpad(a: int, b: int) -> str:
+  """Column addition written out, units first, then the answer: 47+38 -> "7+8=15,4+3+1=8:85"."""
+  da, db = str(a)[::-1], str(b)[::-1]
+  steps, carry = [], 0
+  for i in range(max(len(da), len(db))):
+    x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+    total = x + y + carry
+    steps.append(f"{x}+{y}+{carry}={total}" if carry else f"{x}+{y}={total}")
+    carry = total // 10
+  return ",".join(steps) + f":{a + b}"
+
+
 class ArithmeticTask(_Task):
   """"23+58=" -> "81". `num_operands` integers in [min_operand, max_operand] joined by ops.
+
+  Two-operand additions also carry meta["scratchpad"], the column-addition working
+  ("3+8=11,2+5+1=8:81") that ends in the answer (see the `final_numeric` reward).
 
   Usual precedence applies ("2+3*4=" -> "14"). Division is exact by construction: the
   divisor is drawn from the operand range and so is the quotient, so the dividend may
@@ -124,7 +139,10 @@ class ArithmeticTask(_Task):
       text = str(operands[0]) + "".join(op + str(x) for op, x in zip(chosen, operands[1:]))
       prompt = text + "="
       answer = str(int(evaluate(text)))
-      return prompt, Example(prompt, answer, {"task": "arithmetic"})
+      meta = {"task": "arithmetic"}
+      if chosen == ["+"]:  # a worked solution, for warm starts that mix direct and step-by-step answers
+        meta["scratchpad"] = addition_scratchpad(*operands)
+      return prompt, Example(prompt, answer, meta)
 
     self._examples = _sample_unique("arithmetic", draw, size, seed, split, eval_fraction)
 

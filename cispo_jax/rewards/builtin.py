@@ -42,6 +42,16 @@ def exact_numeric(completion: str, example: Example) -> float:
   return float(_as_number(match.group()) == _as_number(example.answer))
 
 
+@register_reward("final_numeric")
+def final_numeric(completion: str, example: Example) -> float:
+  """1.0 iff the last number before STOP equals the answer: a worked solution
+  ("7+8=15,4+3+1=8:85") is judged by the result it ends with, a bare answer ("85") as is."""
+  matches = _FIRST_NUMBER_RE.findall(answer_text(completion))
+  if not matches:
+    return 0.0
+  return float(_as_number(matches[-1]) == _as_number(example.answer))
+
+
 @register_reward("countdown")
 def countdown(completion: str, example: Example) -> float:
   """1.0 iff the text before STOP (and before any '=') is an expression that uses the
