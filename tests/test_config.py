@@ -1,5 +1,7 @@
 """gin files, --gin_param bindings and the seed's shorthand flags reach the configs; bad keys fail early."""
 
+from pathlib import Path
+
 import pytest
 
 from cispo_jax import config
@@ -48,3 +50,21 @@ def test_bad_values_fail_before_compilation():
     config.parse_args(["--num_generations", "0"])
   with pytest.raises(SystemExit):  # argparse: an unknown flag
     config.parse_args(["--epsilon_hi", "5"])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.gin")))
+def test_experiment_files_parse(name):
+  """Every ablation arm in experiments/ builds valid configs (on top of default.gin)."""
+  files = [str(Path(__file__).parents[1] / "experiments" / name)]
+  if name == "off_policy_depth.gin":  # a modifier, combined with a loss file
+    files.insert(0, str(Path(__file__).parents[1] / "experiments" / "grpo.gin"))
+  built = config.parse(files)
+  assert built["TaskConfig"].task == "arithmetic"
+  if name.startswith("cispo"):
+    assert built["LossConfig"].loss_type == "cispo"
+
+
+def test_default_experiment_is_cispo_with_the_seed_cap():
+  built = config.parse()
+  assert built["LossConfig"].loss_type == "cispo" and built["LossConfig"].epsilon_high == 5.0
+  assert built["LossConfig"].cispo_mode == "absolute"
