@@ -99,6 +99,22 @@ def _sampling_config(rl: RLConfig, tokenizer, *, greedy: bool, n: int) -> sampli
       prompt_buckets=tuple(rl.prompt_buckets))
 
 
+@functools.partial(jax.jit, static_argnames=("model_cfg", "n_completion", "temperature", "micro_batches"))
+def batched_completion_logps(params, tokens_BxL, kv_valid_BxL, *, model_cfg, n_completion: int,
+                             temperature: float, micro_batches: int):
+  """Training-forward log-probs of the completions, micro-batched like the update.
+
+  Module-level and keyed only on what shapes the program, so every Trainer in a process
+  (and the reference model) shares one compilation.
+  """
+  B, m = tokens_BxL.shape[0], micro_batches
+  def one(args):
+    return completion_logps(params, model_cfg, *args, n_completion, temperature)[0]
+  # Chunk j takes rows j, j+m, ...: the sharded batch axis stays leading (no communication).
+  chunks = tuple(x.reshape(B // m, m, -1).swapaxes(0, 1) for x in (tokens_BxL, kv_valid_BxL))
+  return jax.lax.map(one, chunks).swapaxes(0, 1).reshape(B, n_completion)
+
+
 class Trainer:
   def __init__(self, rl: RLConfig, loss: losses.LossConfig, optim: OptimConfig,
                mesh_cfg: sharding.MeshConfig, task: TaskConfig, operative_config: str = "",
@@ -154,8 +170,8 @@ class Trainer:
     self.step_cfg = StepConfig(model=self.model_cfg, loss=self.loss_cfg, temperature=rl.temperature,
                                micro_batches=rl.micro_batches, num_generations=rl.num_generations,
                                use_ref=self.ref_params is not None)
-    self._logps = jax.jit(functools.partial(self._batched_logps, cfg=self.step_cfg),
-                          static_argnames="n_completion", out_shardings=self.batch_sharding)
+    self._logps = functools.partial(batched_completion_logps, model_cfg=self.model_cfg,
+                                    temperature=rl.temperature, micro_batches=rl.micro_batches)
     self._update = jax.jit(
         functools.partial(update_on_rollout, cfg=self.step_cfg, tx=self.tx, schedule=self.schedule,
                           num_iterations=rl.num_iterations, num_minibatches=rl.num_minibatches),
@@ -177,16 +193,6 @@ class Trainer:
       log.info("resumed from %s at iteration %d", self.ckpt.directory, self.iteration)
 
   # --- one iteration -----------------------------------------------------------------------
-  @staticmethod
-  def _batched_logps(params, tokens_BxL, kv_valid_BxL, *, n_completion, cfg: StepConfig):
-    """Training-forward log-probs of the completions, micro-batched like the update."""
-    B = tokens_BxL.shape[0]
-    def one(args):
-      return completion_logps(params, cfg.model, *args, n_completion, cfg.temperature)[0]
-    chunks = (tokens_BxL.reshape(cfg.micro_batches, B // cfg.micro_batches, -1),
-              kv_valid_BxL.reshape(cfg.micro_batches, B // cfg.micro_batches, -1))
-    return jax.lax.map(one, chunks).reshape(B, n_completion)
-
   def _global(self, x: np.ndarray) -> jax.Array:
     """A host array that every process holds in full -> a batch-sharded global array."""
     return jax.make_array_from_callback(x.shape, self.batch_sharding, lambda idx: x[idx])
@@ -198,6 +204,10 @@ class Trainer:
     """Sample on the mesh; returns the outputs as host numpy arrays (the full global batch)."""
     tok, mask = sampling.encode_prompts(self.tokenizer, [e.prompt for e in examples], cfg,
                                         apply_chat_template=self.rl.apply_chat_template)
+    if jax.process_count() > 1:  # every process must feed the same bucket: the largest any of them needs
+      width = int(_allgather_host(np.array([tok.shape[1]])).max())
+      pad = ((0, 0), (width - tok.shape[1], 0))
+      tok, mask = np.pad(tok, pad, constant_values=cfg.pad_token_id), np.pad(mask, pad)
     tok = sharding.host_local_batch_to_global(tok, self.mesh, self.batch_sharding)
     mask = sharding.host_local_batch_to_global(mask, self.mesh, self.batch_sharding)
     out = sampling.generate(params, self.model_cfg, tok, mask, key, cfg, batch_sharding=self.batch_sharding)
@@ -265,8 +275,8 @@ class Trainer:
     t1 = time.perf_counter()
     if any_signal:
       self.state, step_metrics = self._update(self.state, batch)
-      step_metrics = jax.tree.map(lambda m: float(np.mean(_to_host(m))), step_metrics)
-      metrics.update({f"train/{k}": v for k, v in step_metrics.items()})
+      reduce = {"ratio_max": np.max, "ratio_min": np.min}  # over the iteration's optimizer steps
+      metrics.update({f"train/{k}": float(reduce.get(k, np.mean)(_to_host(v))) for k, v in step_metrics.items()})
     metrics["train/skipped_no_signal"] = float(not any_signal)
     t2 = time.perf_counter()
     metrics["time/update_s"] = t2 - t1

@@ -120,3 +120,19 @@ def test_rl_config_validation():
     RLConfig(advantage="nope")
   with pytest.raises(ValueError, match="RLConfig.num_generations"):
     dataclasses.replace(RLConfig(), num_generations=0)
+
+
+def test_bootstrap_builds_a_loadable_model_once(tmp_path):
+  from cispo_jax.bootstrap import BootstrapConfig, bootstrap_model
+  from cispo_jax.model import hf_io
+
+  cfg = BootstrapConfig(cache_dir=str(tmp_path), hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                        num_kv_heads=1, sft_steps=3, sft_batch_size=8, sft_examples=32, sft_scratchpad_fraction=0.5)
+  task = TaskConfig(task="arithmetic", task_args={"max_operand": 9, "ops": "+"}, train_size=64, eval_size=8)
+  path = bootstrap_model(task, cfg)
+  model_cfg, params = hf_io.load_model(path)
+  assert model_cfg.hidden_size == 16 and hf_io.load_tokenizer(path).decode([5, 6]) == data.ALPHABET[2:4]
+  marker = os.path.join(path, "bootstrap.json")
+  stamp = os.path.getmtime(marker)
+  assert bootstrap_model(task, cfg) == path and os.path.getmtime(marker) == stamp  # cached, not retrained
+  assert bootstrap_model(task, dataclasses.replace(cfg, sft_steps=4)) != path  # another config, another model
