@@ -118,6 +118,8 @@ def bootstrap_model(task_cfg, cfg: BootstrapConfig) -> str:
   if os.path.exists(os.path.join(path, "bootstrap.json")):
     log.info("reusing bootstrap model %s", path)
     return path
+  log.info("bootstrapping a %d-layer, %d-wide model with %d SFT steps -> %s", cfg.num_layers, cfg.hidden_size,
+           cfg.sft_steps, path)
   train_src, _ = make_sources(task_cfg, seed=cfg.seed)
   tokenizer = build_char_tokenizer(data_lib.ALPHABET)
   model_cfg = tiny_config("qwen2", vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,

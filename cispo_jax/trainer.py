@@ -316,8 +316,8 @@ class Trainer:
       self.writer.write(self.iteration, metrics)
       self.ckpt.maybe_save(self.iteration, self.state, self._host_state(), force=self.iteration == rl.total_steps)
       bar.update(1)
-      bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", eval=metrics.get("eval/pass_at_1", ""),
-                      loss=f"{metrics.get('train/loss', 0):.3g}")
+      bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", loss=f"{metrics.get('train/loss', 0):.3g}",
+                      eval_pass1=f"{self.eval_start if last_eval is None else last_eval:.3f}")
     bar.close()
     finished = self.iteration >= rl.total_steps
     self.ckpt.maybe_save(self.iteration, self.state, self._host_state(), force=True)  # no-op if saved

@@ -19,6 +19,9 @@ from cispo_jax.trainer import RLConfig, Trainer
 
 ONE_DEVICE = MeshConfig(data=1, fsdp=1, tensor=1)
 TASK = TaskConfig(task="arithmetic", task_args={"max_operand": 9}, train_size=64, eval_size=8)
+# A length bonus (tests/user_reward_fns.py) beside the answer check: every group then has reward
+# variance, so each loss gets a gradient even when a tiny random policy never answers right.
+TASK_WITH_SIGNAL = dataclasses.replace(TASK, rewards=(("final_numeric", 1.0), ("user_reward_fns:length_bonus", 0.1)))
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +39,8 @@ def _rl(model_dir, run_dir, **kw):
   return RLConfig(**base)
 
 
-def _trainer(rl, loss=None, optim=None):
-  return Trainer(rl, loss or losses.LossConfig(), optim or OptimConfig(learning_rate=1e-2), ONE_DEVICE, TASK,
+def _trainer(rl, loss=None, optim=None, task=TASK):
+  return Trainer(rl, loss or losses.LossConfig(), optim or OptimConfig(learning_rate=1e-2), ONE_DEVICE, task,
                  devices=jax.devices()[:1])
 
 
@@ -49,7 +52,7 @@ def _host(tree):
 def test_every_loss_trains_end_to_end(model_dir, tmp_path, loss_type):
   extra = {"max_completion_length": 4} if loss_type == "dr_grpo" else {}
   loss = losses.LossConfig(loss_type=loss_type, kl_coef=0.01 if loss_type == "cispo" else 0.0, **extra)
-  trainer = _trainer(_rl(model_dir, tmp_path, filter_zero_variance=False), loss)
+  trainer = _trainer(_rl(model_dir, tmp_path), loss, task=TASK_WITH_SIGNAL)
   before = _host(trainer.state.params)
   summary = trainer.run()
   trainer.close()
