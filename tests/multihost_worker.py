@@ -80,6 +80,37 @@ def run_step(mesh, local_tokens_BxT, local_mask_BxT, cfg=TINY):
   return {k: np.asarray(v.addressable_data(0)) for k, v in gathered.items()}, specs
 
 
+def launch(num_processes: int, args_of, timeout_s: float = 300) -> None:
+  """Run this file as `num_processes` fresh interpreters (2 CPU devices each) joined by a coordinator
+  on a free localhost port; `args_of(process_id)` gives each one's other flags. Raises with the logs
+  if one fails; a hung peer is killed at the timeout so it never hangs CI."""
+  import socket
+  import subprocess
+  from pathlib import Path
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  repo = Path(__file__).resolve().parents[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+  procs = [subprocess.Popen([sys.executable, __file__, "--coordinator", f"127.0.0.1:{port}", "--num_processes",
+                             str(num_processes), "--process_id", str(pid), *args_of(pid)],
+                            env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for pid in range(num_processes)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=timeout_s)[0].decode(errors="replace"))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  if any(p.returncode != 0 for p in procs):
+    raise AssertionError("a worker process failed:\n" + "\n".join(log[-3000:] for log in logs))
+
+
 def parse_mesh(text: str) -> sharding.MeshConfig:
   return sharding.MeshConfig(**{k: int(v) for k, v in (kv.split("=") for kv in text.split(","))})
 

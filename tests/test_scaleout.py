@@ -1,11 +1,5 @@
 """The RL loop on device meshes and across real processes gives what one device gives."""
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -105,34 +99,13 @@ def test_checkpoint_restores_on_another_mesh(model_dir, tmp_path):
   restorer.close()
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_run_rl_like_one(model_dir, tmp_path):
   """Two real jax.distributed processes (gloo, 2 CPU devices each) run 2 RL iterations."""
-  port, repo = _free_port(), Path(__file__).resolve().parents[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-  procs = []
-  for pid in range(2):
-    cmd = [sys.executable, str(Path(__file__).with_name("multihost_worker.py")), "--coordinator",
-           f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(pid), "--mesh",
-           "data=2,fsdp=1,tensor=2", "--rl_model_dir", model_dir, "--rl_run_dir", str(tmp_path / "mp"),
-           "--out", str(tmp_path / f"p{pid}.npz")]
-    procs.append(subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=400)[0].decode(errors="replace"))
-  finally:
-    for p in procs:  # a hung peer must not hang CI
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  import multihost_worker
+
+  multihost_worker.launch(2, lambda pid: [
+      "--mesh", "data=2,fsdp=1,tensor=2", "--rl_model_dir", model_dir, "--rl_run_dir", str(tmp_path / "mp"),
+      "--out", str(tmp_path / f"p{pid}.npz")], timeout_s=400)
 
   trainer = make_trainer(model_dir, tmp_path / "sp", MeshConfig(data=2, fsdp=1, tensor=2), 4, total_steps=2)
   trainer.run()

@@ -2,11 +2,6 @@
 
 import logging
 import math
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -237,34 +232,9 @@ def test_single_process_helpers(monkeypatch, batch):
   np.testing.assert_array_equal(np.asarray(tokens), batch[0])
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(tmp_path, batch):
   mesh_arg = "data=1,fsdp=2,tensor=2"  # params split across the two processes
-  port = _free_port()
-  repo = Path(__file__).resolve().parents[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-  procs = []
-  for pid in range(2):
-    cmd = [sys.executable, str(Path(__file__).with_name("multihost_worker.py")), "--coordinator",
-           f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(pid), "--mesh", mesh_arg,
-           "--out", str(tmp_path / f"p{pid}.npz")]
-    procs.append(subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=300)[0].decode(errors="replace"))
-  finally:
-    for p in procs:  # a hung peer must not hang CI
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  mw.launch(2, lambda pid: ["--mesh", mesh_arg, "--out", str(tmp_path / f"p{pid}.npz")])
 
   local = sharding.make_mesh(mw.parse_mesh(mesh_arg), devices=jax.devices()[:4])
   want, _ = mw.run_step(local, *batch)
