@@ -56,8 +56,8 @@ class StepConfig(NamedTuple):
 def completion_logps(params, model_cfg: ModelConfig, tokens_BxL, kv_valid_BxL, n_completion: int,
                      temperature: float):
   """Log-probs and entropies of the last n_completion tokens, as the sampler computes them."""
-  logits_BxLxV, _ = forward(params, model_cfg, tokens_BxL, kv_valid_BxS=kv_valid_BxL)
-  logits_BxNxV = logits_BxLxV[:, -n_completion - 1:-1]
+  logits_Bx1NxV, _ = forward(params, model_cfg, tokens_BxL, kv_valid_BxS=kv_valid_BxL, last_n=n_completion + 1)
+  logits_BxNxV = logits_Bx1NxV[:, :-1]  # position t predicts token t + 1
   return losses.token_logps_and_entropy(logits_BxNxV, tokens_BxL[:, -n_completion:], temperature)
 
 

@@ -378,3 +378,17 @@ def test_char_tokenizer_round_trips_and_saves(tmp_path):
   assert again.chat_template == tok.chat_template
   with pytest.raises(ValueError, match="distinct"):
     build_char_tokenizer("aa")
+
+
+def test_last_n_logits_equal_the_tail_of_the_full_forward():
+  from cispo_jax.model import ModelConfig, forward, init_params
+
+  cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                    head_dim=8)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 7), 0, 32)
+  mask = jnp.arange(7)[None, :] >= jnp.array([[0], [2], [3]])  # left padding
+  full, _ = forward(params, cfg, tokens, kv_valid_BxS=mask)
+  tail, _ = forward(params, cfg, tokens, kv_valid_BxS=mask, last_n=3)
+  assert tail.shape == (3, 3, 32)
+  np.testing.assert_allclose(np.asarray(tail), np.asarray(full[:, -3:]), rtol=1e-6, atol=1e-6)

@@ -179,7 +179,7 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, kv_valid_BxS, cache=None, cache_index=0):
+  def __call__(self, tokens_BxT, positions_BxT, kv_valid_BxS, cache=None, cache_index=0, last_n=None):
     cfg = self.cfg
     embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
     x = jnp.take(embed, tokens_BxT, axis=0).astype(cfg.jnp_dtype)
@@ -187,6 +187,8 @@ class Transformer(nn.Module):
     kv = None if cache is None else (cache["k"], cache["v"])
     for i in range(cfg.num_layers):
       x, kv = block_cls(cfg, i, name=f"layers_{i}")(x, positions_BxT, kv_valid_BxS, kv, cache_index)
+    if last_n is not None:  # only these positions need logits: no [B, T, V] for a long prompt
+      x = x[:, -last_n:]
     x = RMSNorm(cfg, cfg.hidden_size, name="final_norm")(x)
     if cfg.tie_word_embeddings:
       head_ExV = embed.T
@@ -205,11 +207,13 @@ def positions_from_mask(mask_BxT):
 
 
 def forward(params: Params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, kv_valid_BxS=None,
-            cache=None, cache_index=0):
+            cache=None, cache_index=0, last_n: int | None = None):
   """Pure forward: logits [B,T,V] in float32 and the updated cache (None without one).
 
   Without a cache, `kv_valid_BxS` is the token mask of `tokens_BxT` (S == T) and
-  positions default to `positions_from_mask` of it.
+  positions default to `positions_from_mask` of it. `last_n`: logits of the last n
+  positions only ([B, n, V]); the trainer scores completions with it, so a long prompt
+  never costs a prompt-length LM head (the largest activation at a 150k vocabulary).
   """
   if kv_valid_BxS is None:
     if cache is not None:
@@ -220,7 +224,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, kv
       raise ValueError("forward with a cache needs explicit positions_BxT")
     positions_BxT = positions_from_mask(kv_valid_BxS)
   return Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT, kv_valid_BxS,
-                                cache, cache_index)
+                                cache, cache_index, last_n)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):
