@@ -219,14 +219,14 @@ class Trainer:
     texts = sampling.decode_completions(self.tokenizer, local)
     local_examples = [e for e in examples for _ in range(n)]
     rewards, stats = self.scorer(texts, local_examples)
-    return _allgather_host(rewards.astype(np.float32)), stats, texts
+    return _allgather_host(rewards.astype(np.float32)), stats
 
   def _rollout(self, examples, key):
     rl, n = self.rl, self.rl.num_generations
     t0 = time.perf_counter()
     out = self._generate(self.state.params, examples, key, self.train_sampling)
     t1 = time.perf_counter()
-    rewards_B, stats, _ = self._score(out, examples, n)
+    rewards_B, stats = self._score(out, examples, n)
     for k in self.reward_events:
       self.reward_events[k] += int(stats.get(k, 0))
     adv_B = np.asarray(adv_lib.compute_advantages(rl.advantage, rewards_B, n), np.float32)
@@ -262,6 +262,8 @@ class Trainer:
         "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1,
         "tokens/generated": float(valid.sum()),
     }
+    if len(self.task.reward_list()) > 1:  # each reward of a mix, on this process's rows
+      metrics.update({f"reward/{name}": float(stats[f"{name}/mean"]) for name, _ in self.task.reward_list()})
     return batch, metrics, bool(keep_B.any())
 
   def step(self) -> dict:

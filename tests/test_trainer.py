@@ -139,3 +139,16 @@ def test_bootstrap_builds_a_loadable_model_once(tmp_path):
   stamp = os.path.getmtime(marker)
   assert bootstrap_model(task, cfg) == path and os.path.getmtime(marker) == stamp  # cached, not retrained
   assert bootstrap_model(task, dataclasses.replace(cfg, sft_steps=4)) != path  # another config, another model
+
+
+def test_truncated_is_correction_and_reference_only_with_kl(model_dir, tmp_path):
+  plain = _trainer(_rl(model_dir, tmp_path / "plain", total_steps=1), task=TASK_WITH_SIGNAL)
+  assert plain.ref_params is None  # no KL term: no reference model is kept
+  plain.close()
+  tis = _trainer(_rl(model_dir, tmp_path / "tis", total_steps=1, tis_cap=2.0),
+                 losses.LossConfig(kl_coef=0.1), task=TASK_WITH_SIGNAL)
+  assert tis.ref_params is not None
+  metrics = tis.step()
+  assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/kl_ref"])
+  assert metrics["reward/final_numeric"] >= 0.0 and metrics["reward/user_reward_fns:length_bonus"] > 0.0
+  tis.close()
