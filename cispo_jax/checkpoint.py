@@ -31,9 +31,6 @@ class Checkpointer:
   def latest(self) -> int | None:
     return self._mgr.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._mgr.all_steps())
-
   def maybe_save(self, iteration: int, state: Any, host_state: dict, force: bool = False) -> bool:
     """Save after `iteration` RL iterations if it is due (or forced). Returns whether it saved."""
     if not force and iteration % self.save_every:

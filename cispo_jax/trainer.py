@@ -118,7 +118,7 @@ class Trainer:
   def __init__(self, rl: RLConfig, loss: losses.LossConfig, optim: OptimConfig,
                mesh_cfg: sharding.MeshConfig, task: TaskConfig, operative_config: str = "",
                devices=None):
-    self.rl, self.loss_cfg, self.optim, self.task = rl, run_loss_config(loss, rl), optim, task
+    self.rl, self.loss_cfg, self.task = rl, run_loss_config(loss, rl), task
     self.main = sharding.is_main_process()
     os.makedirs(rl.run_dir, exist_ok=True)
     if self.main and operative_config:
