@@ -112,8 +112,10 @@ def bootstrap_model(task_cfg, cfg: BootstrapConfig) -> str:
   """Build (or reuse) the bootstrap model directory for this task and return its path."""
   from cispo_jax.task import make_sources  # here: task.py imports the data layer only
 
-  key = hashlib.sha1(json.dumps([dataclasses.asdict(cfg), dataclasses.asdict(task_cfg)],
-                                sort_keys=True, default=str).encode()).hexdigest()[:12]
+  # Keyed on what shapes the model: the reward mix and its timeout don't, so changing them reuses it.
+  data_cfg = {k: v for k, v in dataclasses.asdict(task_cfg).items() if k not in ("rewards", "reward_timeout_s")}
+  key = hashlib.sha1(json.dumps([dataclasses.asdict(cfg), data_cfg], sort_keys=True, default=str).encode()
+                     ).hexdigest()[:12]
   path = os.path.join(cfg.cache_dir, f"model-{key}")
   if os.path.exists(os.path.join(path, "bootstrap.json")):
     log.info("reusing bootstrap model %s", path)

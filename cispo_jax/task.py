@@ -70,7 +70,8 @@ class Scorer:
     self._train = reward_lib.RewardScorer(reward_lib.RewardConfig(mix, timeout_s=cfg.reward_timeout_s))
     self._pass = self._train if len(mix) == 1 else reward_lib.RewardScorer(
         reward_lib.RewardConfig(mix[:1], timeout_s=cfg.reward_timeout_s))
-    for scorer in {id(s): s for s in (self._train, self._pass)}.values():
+    self._scorers = [self._train] if self._pass is self._train else [self._train, self._pass]
+    for scorer in self._scorers:
       scorer.start()
 
   def __call__(self, completions: list[str], examples: list[data_lib.Example]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -81,5 +82,5 @@ class Scorer:
     return scores >= 1.0
 
   def close(self):
-    for scorer in {id(s): s for s in (self._train, self._pass)}.values():
+    for scorer in self._scorers:
       scorer.close()

@@ -315,13 +315,13 @@ class Trainer:
       if self.iteration % rl.eval_every == 0 or self.iteration == rl.total_steps:
         last_eval = metrics["eval/pass_at_1"] = self.evaluate()
       self.writer.write(self.iteration, metrics)
-      self.ckpt.maybe_save(self.iteration, self.state, self._host_state(), force=self.iteration == rl.total_steps)
+      self.ckpt.maybe_save(self.iteration, self.state, self._host_state())
       bar.update(1)
       bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", loss=f"{metrics.get('train/loss', 0):.3g}",
                       eval_pass1=f"{self.eval_start if last_eval is None else last_eval:.3f}")
     bar.close()
     finished = self.iteration >= rl.total_steps
-    self.ckpt.maybe_save(self.iteration, self.state, self._host_state(), force=True)  # no-op if saved
+    self.ckpt.maybe_save(self.iteration, self.state, self._host_state(), force=True)  # the last one; no-op if saved
     self.ckpt.wait()
     summary = {"eval_start": self.eval_start, "iterations": self.iteration,
                "seconds": time.perf_counter() - t_start, "reward_events": dict(self.reward_events)}

@@ -138,6 +138,7 @@ def test_bootstrap_builds_a_loadable_model_once(tmp_path):
   marker = os.path.join(path, "bootstrap.json")
   stamp = os.path.getmtime(marker)
   assert bootstrap_model(task, cfg) == path and os.path.getmtime(marker) == stamp  # cached, not retrained
+  assert bootstrap_model(dataclasses.replace(task, rewards=(("exact_numeric", 1.0),)), cfg) == path  # rewards don't shape it
   assert bootstrap_model(task, dataclasses.replace(cfg, sft_steps=4)) != path  # another config, another model
 
 
