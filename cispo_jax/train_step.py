@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from cispo_jax import losses
-from cispo_jax.model import ModelConfig, forward
+from cispo_jax.model import ModelConfig, hidden_states, lm_head
+from cispo_jax.model.logprobs import token_logps_and_entropy_chunked
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -55,10 +56,15 @@ class StepConfig(NamedTuple):
 
 def completion_logps(params, model_cfg: ModelConfig, tokens_BxL, kv_valid_BxL, n_completion: int,
                      temperature: float):
-  """Log-probs and entropies of the last n_completion tokens, as the sampler computes them."""
-  logits_Bx1NxV, _ = forward(params, model_cfg, tokens_BxL, kv_valid_BxS=kv_valid_BxL, last_n=n_completion + 1)
-  logits_BxNxV = logits_Bx1NxV[:, :-1]  # position t predicts token t + 1
-  return losses.token_logps_and_entropy(logits_BxNxV, tokens_BxL[:, -n_completion:], temperature)
+  """Log-probs and entropies of the last n_completion tokens, as the sampler computes them.
+
+  The LM head runs in chunks of model_cfg.logprob_chunk positions (model/logprobs.py): no
+  [B, N, V] float32 array exists for a long completion.
+  """
+  h_Bx1NxE = hidden_states(params, model_cfg, tokens_BxL, kv_valid_BxL, last_n=n_completion + 1)
+  h_BxNxE = h_Bx1NxE[:, :-1]  # position t predicts token t + 1
+  return token_logps_and_entropy_chunked(h_BxNxE, lm_head(params, model_cfg), tokens_BxL[:, -n_completion:],
+                                         temperature, chunk=model_cfg.logprob_chunk)
 
 
 def _loss_fn(params, mb: RolloutBatch, cfg: StepConfig):

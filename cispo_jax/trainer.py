@@ -63,7 +63,12 @@ class RLConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   lm_head_f32: bool = True
-  remat: bool = False
+  remat: bool = False  # rematerialise each layer in the backward pass
+  remat_policy: str = "nothing_saveable"  # nothing_saveable | save_dots | save_dots_no_batch | offload_dots
+  scan_unroll: int = 1  # layers per iteration of the layer scan
+  attention_impl: str = "auto"  # auto | dense | blockwise | cudnn | splash (model/attention.py)
+  attention_block: int = 512
+  logprob_chunk: int = 1024  # completion positions per LM-head chunk of the training log-probs
 
   def __post_init__(self):
     positive = ("total_steps", "prompts_per_step", "num_generations", "num_iterations",
@@ -127,8 +132,7 @@ class Trainer:
 
     # --- mesh and model -------------------------------------------------------------------
     self.mesh = sharding.make_mesh(mesh_cfg, devices)
-    self.model_cfg = hf_io.load_config(rl.model_dir, dtype=rl.dtype, param_dtype=rl.param_dtype,
-                                       lm_head_f32=rl.lm_head_f32, remat=rl.remat)
+    self.model_cfg = hf_io.load_config(rl.model_dir, **{k: getattr(rl, k) for k in hf_io.RUN_OVERRIDES})
     self.tokenizer = hf_io.load_tokenizer(rl.model_dir)
     if self.tokenizer.eos_token_id is None:
       raise ValueError(f"tokenizer in {rl.model_dir} has no eos_token: the sampler needs a stop token")
@@ -209,7 +213,8 @@ class Trainer:
       tok, mask = np.pad(tok, pad, constant_values=cfg.pad_token_id), np.pad(mask, pad)
     tok = sharding.host_local_batch_to_global(tok, self.mesh, self.batch_sharding)
     mask = sharding.host_local_batch_to_global(mask, self.mesh, self.batch_sharding)
-    out = sampling.generate(params, self.model_cfg, tok, mask, key, cfg, batch_sharding=self.batch_sharding)
+    with jax.set_mesh(self.mesh):  # the model pins its activations' layout on this mesh
+      out = sampling.generate(params, self.model_cfg, tok, mask, key, cfg, batch_sharding=self.batch_sharding)
     return jax.tree.map(_to_host, out)
 
   def _score(self, out, examples, n: int):
@@ -237,9 +242,10 @@ class Trainer:
     N = out.tokens_BxN.shape[1]
     tokens = self._global(np.concatenate([out.prompt_tokens_BxP, out.tokens_BxN], 1).astype(np.int32))
     kv_valid = self._global(np.concatenate([out.prompt_mask_BxP, out.mask_BxN], 1).astype(bool))
-    old_logps = self._logps(self.state.params, tokens, kv_valid, n_completion=N)
-    ref_logps = (self._logps(self.ref_params, tokens, kv_valid, n_completion=N)
-                 if self.ref_params is not None else jnp.zeros_like(old_logps))
+    with jax.set_mesh(self.mesh):
+      old_logps = self._logps(self.state.params, tokens, kv_valid, n_completion=N)
+      ref_logps = (self._logps(self.ref_params, tokens, kv_valid, n_completion=N)
+                   if self.ref_params is not None else jnp.zeros_like(old_logps))
     mask = np.asarray(out.mask_BxN, np.float32) * np.asarray(keep_B, np.float32)[:, None]
     old_host, sampler_logps = _to_host(old_logps), np.asarray(out.logps_BxN, np.float32)
     gap = np.abs(old_host - sampler_logps)
@@ -275,7 +281,8 @@ class Trainer:
     batch, metrics, any_signal = self._rollout(examples, sample_key)
     t1 = time.perf_counter()
     if any_signal:
-      self.state, step_metrics = self._update(self.state, batch)
+      with jax.set_mesh(self.mesh):
+        self.state, step_metrics = self._update(self.state, batch)
       reduce = {"ratio_max": np.max, "ratio_min": np.min}  # over the iteration's optimizer steps
       metrics.update({f"train/{k}": float(reduce.get(k, np.mean)(_to_host(v))) for k, v in step_metrics.items()})
     metrics["train/skipped_no_signal"] = float(not any_signal)

@@ -169,7 +169,12 @@ def test_logical_axes_cover_every_param(dirs):
   flat = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   for spec, p in zip(flat, jax.tree.leaves(params)):
     assert len(spec) == p.ndim
-  assert set(a for s in flat for a in s) <= {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm"}
+  assert set(a for s in flat for a in s) <= {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm",
+                                             "layers"}
+  # Layer parameters are stacked (one scan over layers): their leading axis is `layers`, of size L.
+  for spec, p in zip(jax.tree.leaves(axes["layers"], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+                     jax.tree.leaves(params["layers"])):
+    assert spec[0] == "layers" and p.shape[0] == cfg.num_layers and "layers" not in spec[1:]
 
 
 def test_bf16_params_load_and_run(dirs, tmp_path):

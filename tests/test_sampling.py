@@ -231,7 +231,8 @@ def test_batch_sharding_matches_single_device(model, prompts):
     out = generate(sharded, cfg, tok, msk, jax.random.PRNGKey(5), sc, batch_sharding=batch)
     assert out.tokens_BxN.sharding.is_equivalent_to(batch, 2)
     np.testing.assert_array_equal(out.tokens_BxN, ref.tokens_BxN)
-    np.testing.assert_allclose(out.logps_BxN, ref.logps_BxN, atol=1e-5)
+    # Sharded matmuls sum in another order: f32 rounding (seen: 4e-5 after 8 decode steps).
+    np.testing.assert_allclose(out.logps_BxN, ref.logps_BxN, atol=1e-4)
 
 
 def test_text_helpers_roundtrip():

@@ -66,10 +66,10 @@ def test_one_rl_iteration_matches_single_device(model_dir, tmp_path, one_device_
   sizes = dict(trainer.mesh.shape)
   # parameters really are laid out by the rules table
   embed = trainer.state.params["embed"]
-  q = trainer.state.params["layers_0"]["attn"]["q_kernel"]
+  q = trainer.state.params["layers"]["attn"]["q_kernel"]  # stacked [L, E, H, D]
   vocab = embed.shape[0]  # 23 characters: not divisible by tensor=2, so the rules fall back to replicating it
   assert vocab % 2 and embed.sharding.shard_shape(embed.shape) == (vocab, 32 // sizes["fsdp"])
-  assert q.sharding.shard_shape(q.shape) == (32 // sizes["fsdp"], 8 // sizes["tensor"], 8)
+  assert q.sharding.shard_shape(q.shape) == (q.shape[0], 32 // sizes["fsdp"], 8 // sizes["tensor"], 8)
   mu = jax.tree.leaves(trainer.state.opt_state)  # Adam moments follow their parameters
   assert any(getattr(x, "sharding", None) == embed.sharding and x.shape == embed.shape for x in mu)
   for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(_host(trainer.state.params))):

@@ -109,8 +109,9 @@ def test_params_sharded_as_rules_say(name, placed):
   # A few by hand: embed [V=128, E=32] is (vocab -> tensor, embed -> fsdp).
   t, f = sizes["tensor"], sizes["fsdp"]
   assert params["embed"].addressable_shards[0].data.shape == (128 // t, 32 // f)
-  assert params["layers_0"]["attn"]["q_kernel"].addressable_shards[0].data.shape == (32 // f, 4 // t, 8)
-  assert params["layers_0"]["mlp"]["down_kernel"].addressable_shards[0].data.shape == (64 // t, 32 // f)
+  # Layer parameters are stacked [L=2, ...]; the layers axis is never split.
+  assert params["layers"]["attn"]["q_kernel"].addressable_shards[0].data.shape == (2, 32 // f, 4 // t, 8)
+  assert params["layers"]["mlp"]["down_kernel"].addressable_shards[0].data.shape == (2, 64 // t, 32 // f)
   assert params["final_norm"]["scale"].sharding.is_fully_replicated
   # Distinct blocks = fsdp * tensor (data replicates the params).
   distinct = {str(s.index) for s in params["embed"].addressable_shards}
@@ -123,12 +124,12 @@ def test_non_divisible_dims_fall_back_and_log_once(monkeypatch, caplog):
   mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, tensor=4))
   with caplog.at_level(logging.WARNING, logger=mesh_lib.__name__):
     sh = sharding.param_shardings(model.logical_axes(cfg), model.param_shapes(cfg), mesh)
-  attn = sh["layers_1"]["attn"]
-  assert attn["q_kernel"].spec == P("fsdp", None, None)  # 6 heads over tensor=4: replicated
-  assert attn["k_kernel"].spec == P("fsdp", None, None)  # 2 kv heads over tensor=4
-  assert sh["layers_1"]["mlp"]["up_kernel"].spec == P("fsdp", "tensor")  # 64 / 4 still splits
+  attn = sh["layers"]["attn"]
+  assert attn["q_kernel"].spec == P(None, "fsdp", None, None)  # 6 heads over tensor=4: replicated
+  assert attn["k_kernel"].spec == P(None, "fsdp", None, None)  # 2 kv heads over tensor=4
+  assert sh["layers"]["mlp"]["up_kernel"].spec == P(None, "fsdp", "tensor")  # 64 / 4 still splits
   msgs = [r.getMessage() for r in caplog.records]
-  assert sum("'heads' of size 6" in m for m in msgs) == 1  # three layers, one message
+  assert sum("'heads' of size 6" in m for m in msgs) == 1  # one message
   assert sum("'kv_heads' of size 2" in m for m in msgs) == 1
 
 
@@ -171,7 +172,7 @@ def test_shard_init_train_state_shardings():
   params, opt_state = sharding.shard_init(init, mesh, state_axes, jax.random.PRNGKey(0))
   mu = opt_state[0].mu
   assert mu["embed"].sharding.spec == params["embed"].sharding.spec == P("tensor", "fsdp")
-  assert mu["layers_1"]["attn"]["o_kernel"].sharding.spec == P("tensor", None, "fsdp")
+  assert mu["layers"]["attn"]["o_kernel"].sharding.spec == P(None, "tensor", None, "fsdp")
   assert opt_state[0].count.sharding.is_fully_replicated
   plain = model.init_params(cfg, jax.random.PRNGKey(0))
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain)):

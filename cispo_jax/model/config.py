@@ -8,6 +8,8 @@ from typing import Any
 import jax.numpy as jnp
 
 ROPE_TYPES = ("default", "linear", "llama3")
+# What a rematerialised layer keeps for the backward pass (transformer.py maps them to jax policies).
+REMAT_POLICIES = ("nothing_saveable", "save_dots", "save_dots_no_batch", "offload_dots")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -39,7 +41,12 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of matmuls
   param_dtype: str = "float32"
   lm_head_f32: bool = True  # MiniMax-M1: keep the LM head in float32
-  remat: bool = False
+  remat: bool = False  # rematerialise each layer in the backward pass (see REMAT_POLICIES)
+  remat_policy: str = "nothing_saveable"  # what a rematerialised layer keeps
+  scan_unroll: int = 1  # layers per scan iteration (num_layers = straight-line code)
+  attention_impl: str = "auto"  # cispo_jax.model.attention.IMPLS
+  attention_block: int = 512  # query/key block of the blockwise and splash kernels
+  logprob_chunk: int = 1024  # completion tokens per LM-head chunk in the trainer's log-probs
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):
@@ -50,6 +57,14 @@ class ModelConfig:
       if kind not in ROPE_TYPES:
         raise ValueError(f"ModelConfig.rope_scaling type {kind!r} is not supported; "
                          f"allowed: {', '.join(ROPE_TYPES)}")
+    from cispo_jax.model.attention import IMPLS  # here: attention.py is imported after this module
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r}; allowed: {sorted(REMAT_POLICIES)}")
+    if self.attention_impl not in IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}; allowed: {list(IMPLS)}")
+    for name in ("scan_unroll", "attention_block", "logprob_chunk"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)}; must be >= 1")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even (rotary embeddings)")
     if self.num_heads % self.num_kv_heads:

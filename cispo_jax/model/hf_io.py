@@ -6,7 +6,8 @@ tensor with `safe_open`, converted to our layout and cast one at a time, so a lo
 never holds two full copies of the model. Pickle weights (.bin/.pt/.pth) are refused
 and no remote code runs.
 
-Layout differences from HF (torch Linear stores weight [out, in]):
+Layout differences from HF (torch Linear stores weight [out, in]); a layer tensor
+`model.layers.{i}.*` is slice i of a stacked [L, ...] array under `layers/`:
   q/k/v_proj.weight [n*D, E]  <-> attn/{q,k,v}_kernel [E, n, D]
   o_proj.weight     [E, H*D]  <-> attn/o_kernel       [H, D, E]
   gate/up_proj      [F, E]    <-> mlp/{gate,up}_kernel [E, F];  down_proj [E, F] <-> [F, E]
@@ -15,19 +16,24 @@ Layout differences from HF (torch Linear stores weight [out, in]):
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from cispo_jax.model.config import ModelConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-RUN_OVERRIDES = ("dtype", "param_dtype", "lm_head_f32", "remat")
+# How to run a checkpoint (ModelConfig fields that config.json does not hold; RLConfig sets them).
+RUN_OVERRIDES = ("dtype", "param_dtype", "lm_head_f32", "remat", "remat_policy", "scan_unroll",
+                 "attention_impl", "attention_block", "logprob_chunk")
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _INDEX = "model.safetensors.index.json"
@@ -128,7 +134,7 @@ def config_from_hf_dict(raw: dict[str, Any], path: str = "config.json", **run_ov
 
 
 def load_config(path: str, **run_overrides) -> ModelConfig:
-  """ModelConfig of the HF directory `path`; run_overrides: dtype, param_dtype, lm_head_f32, remat."""
+  """ModelConfig of the HF directory `path`; run_overrides: any of RUN_OVERRIDES."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is not a directory (expected a local Hugging Face model directory)")
   cfg_path = os.path.join(path, "config.json")
@@ -185,6 +191,7 @@ class _Tensor(NamedTuple):
   hf_shape: tuple[int, ...]
   to_ours: Callable[[np.ndarray], np.ndarray]
   to_hf: Callable[[np.ndarray], np.ndarray]
+  layer: int | None = None  # slice of the stacked [L, ...] array under params["layers"]
 
 
 def _identity(x):
@@ -201,27 +208,28 @@ def _layout(cfg: ModelConfig) -> dict[str, _Tensor]:
   if not cfg.tie_word_embeddings:
     out["lm_head.weight"] = _Tensor(("lm_head",), (V, E), T, T)
   for i in range(cfg.num_layers):
-    hf, us = f"model.layers.{i}.", f"layers_{i}"
-    out[hf + "input_layernorm.weight"] = _Tensor((us, "input_norm", "scale"), (E,), _identity, _identity)
-    out[hf + "post_attention_layernorm.weight"] = _Tensor(
+    hf, us = f"model.layers.{i}.", "layers"
+    layer = lambda ours, shape, to_ours, to_hf: _Tensor(ours, shape, to_ours, to_hf, i)  # noqa: E731
+    out[hf + "input_layernorm.weight"] = layer((us, "input_norm", "scale"), (E,), _identity, _identity)
+    out[hf + "post_attention_layernorm.weight"] = layer(
         (us, "post_attn_norm", "scale"), (E,), _identity, _identity)
     for name, n in (("q", H), ("k", K), ("v", K)):
-      out[hf + f"self_attn.{name}_proj.weight"] = _Tensor(
+      out[hf + f"self_attn.{name}_proj.weight"] = layer(
           (us, "attn", f"{name}_kernel"), (n * D, E),
           lambda x, n=n: x.T.reshape(E, n, D), lambda x, n=n: x.reshape(E, n * D).T)
       if cfg.qkv_bias:
-        out[hf + f"self_attn.{name}_proj.bias"] = _Tensor(
+        out[hf + f"self_attn.{name}_proj.bias"] = layer(
             (us, "attn", f"{name}_bias"), (n * D,), lambda x, n=n: x.reshape(n, D), lambda x: x.reshape(-1))
-    out[hf + "self_attn.o_proj.weight"] = _Tensor(
+    out[hf + "self_attn.o_proj.weight"] = layer(
         (us, "attn", "o_kernel"), (E, H * D), lambda x: x.T.reshape(H, D, E), lambda x: x.reshape(H * D, E).T)
     if cfg.o_bias:
-      out[hf + "self_attn.o_proj.bias"] = _Tensor((us, "attn", "o_bias"), (E,), _identity, _identity)
+      out[hf + "self_attn.o_proj.bias"] = layer((us, "attn", "o_bias"), (E,), _identity, _identity)
     if cfg.qk_norm:
       for name in ("q", "k"):
-        out[hf + f"self_attn.{name}_norm.weight"] = _Tensor(
+        out[hf + f"self_attn.{name}_norm.weight"] = layer(
             (us, "attn", f"{name}_norm", "scale"), (D,), _identity, _identity)
     for name, shape in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))):
-      out[hf + f"mlp.{name}_proj.weight"] = _Tensor((us, "mlp", f"{name}_kernel"), shape, T, T)
+      out[hf + f"mlp.{name}_proj.weight"] = layer((us, "mlp", f"{name}_kernel"), shape, T, T)
   return out
 
 
@@ -257,22 +265,55 @@ def _weight_files(path: str) -> list[str]:
   raise FileNotFoundError(f"no *.safetensors weights in {path}")
 
 
+def _get(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+def _get_or_none(tree, keys):
+  for k in keys:
+    if k not in tree:
+      return None
+    tree = tree[k]
+  return tree
+
+
 def _set(tree: dict, keys: tuple[str, ...], value):
   for k in keys[:-1]:
     tree = tree.setdefault(k, {})
   tree[keys[-1]] = value
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(stacked, x, i):
+  return jax.lax.dynamic_update_index_in_dim(stacked, x, i, 0)  # i traced: one program per shape
+
+
+def _stacked_zeros(shape, dtype, sharding):
+  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+def _layer_sharding(sharding):
+  """The sharding of one slice [i] of a stacked [L, ...] parameter: the spec without its layers axis."""
+  if not isinstance(sharding, NamedSharding):
+    return sharding
+  return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+
+
 def load_params(path: str, cfg: ModelConfig, shardings=None):
   """Parameters of the HF directory `path` in our layout, cast to cfg.param_dtype.
 
   `shardings` (optional): a pytree of jax.sharding.Sharding shaped like the params;
-  each tensor is placed with its sharding as soon as it is read.
+  each tensor is placed with its sharding as soon as it is read. A layer tensor is written
+  into its slice of the stacked [L, ...] device array (allocated, sharded, at its first
+  slice) by a donating update, so a load still never holds two copies of the model.
   """
   from safetensors import safe_open
 
   layout = _layout(cfg)
   np_dtype = _NP_DTYPES[cfg.param_dtype]
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params: dict = {}
   seen: set[str] = set()
   for file in _weight_files(path):
@@ -288,12 +329,15 @@ def load_params(path: str, cfg: ModelConfig, shardings=None):
         if got != spec.hf_shape:
           raise ValueError(f"{file}: tensor {name!r} has shape {got}, expected {spec.hf_shape} from config.json")
         x = np.ascontiguousarray(spec.to_ours(f.get_tensor(name)).astype(np_dtype))
-        sharding = None
-        if shardings is not None:
-          sharding = shardings
-          for k in spec.ours:
-            sharding = sharding[k]
-        _set(params, spec.ours, jax.device_put(x, sharding))
+        sharding = default if shardings is None else _get(shardings, spec.ours)
+        if spec.layer is None:
+          _set(params, spec.ours, jax.device_put(x, sharding))
+        else:
+          stacked = _get_or_none(params, spec.ours)
+          if stacked is None:
+            stacked = _stacked_zeros((cfg.num_layers, *x.shape), x.dtype, sharding)
+          _set(params, spec.ours, _write_layer(stacked, jax.device_put(x, _layer_sharding(sharding)),
+                                               np.int32(spec.layer)))
         del x
         seen.add(name)
   missing = [n for n in layout if n not in seen]
@@ -318,10 +362,6 @@ def load_model(path: str, **run_overrides):
   return cfg, load_params(path, cfg)
 
 
-def _get(tree, keys):
-  for k in keys:
-    tree = tree[k]
-  return tree
 
 
 def save_model(path: str, cfg: ModelConfig, params, tokenizer=None, max_shard_bytes: int | None = None) -> str:
@@ -357,7 +397,10 @@ def save_model(path: str, cfg: ModelConfig, params, tokenizer=None, max_shard_by
     fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
     tensors = {}
     for name in names:  # one shard in host memory at a time
-      x = np.asarray(jax.device_get(_get(params, layout[name].ours)))
+      x = _get(params, layout[name].ours)
+      if layout[name].layer is not None:
+        x = x[layout[name].layer]
+      x = np.asarray(jax.device_get(x))
       tensors[name] = np.ascontiguousarray(layout[name].to_hf(x))
       if tensors[name].shape != layout[name].hf_shape:
         raise ValueError(f"param {'/'.join(layout[name].ours)} has shape {x.shape}; does not match cfg")

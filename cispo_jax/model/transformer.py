@@ -7,6 +7,11 @@ of PartitionSpecs so sharding.py can map them to a mesh. Linen rather than NNX b
 the rest of the code wants exactly that: a stateless apply over a plain dict pytree
 (jit/grad/eval_shape/shardings act on it directly, HF names map 1:1 to its paths).
 
+Parameter layout. The L decoder layers are one `nn.scan` (MaxText's scan_layers): every layer
+parameter is stacked on a leading axis of size L with the logical name `layers`, under
+`params["layers"]`, e.g. `params["layers"]["attn"]["q_kernel"]` is [L, E, H, D]. hf_io maps
+each HF tensor `model.layers.{i}.*` to slice i, one tensor at a time.
+
 Cache layout. A cache is a dict {"k", "v"} of arrays [layers, B, S, kv_heads, head_dim].
 Tokens are written at slot indices [cache_index, cache_index + T); the caller keeps a
 `kv_valid_BxS` mask of which slots hold real tokens (left padding is invalid), and RoPE
@@ -23,10 +28,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cispo_jax.model.config import ModelConfig
+from cispo_jax.model.attention import attention
+from cispo_jax.model.config import REMAT_POLICIES, ModelConfig
 
 Params = Any
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully-masked pad rows give no NaN
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
@@ -68,6 +73,11 @@ def apply_rope(x_BxTxNxD, positions_BxT, inv_freq):
   return (x * cos2 + rotated * sin2).astype(x_BxTxNxD.dtype)
 
 
+def _constrain(x, *logical):
+  from cispo_jax.sharding.mesh import constrain  # lazy: cispo_jax.sharding imports the model
+  return constrain(x, *logical)
+
+
 def _param(module, name, shape, axes, cfg, init=None):
   init = init or nn.initializers.normal(stddev=0.02)
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.jnp_param_dtype)
@@ -88,10 +98,10 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
   cfg: ModelConfig
-  layer: int = 0  # which slice of the stacked cache is ours
 
   @nn.compact
-  def __call__(self, x_BxTxE, positions_BxT, kv_valid_BxS, cache_kv, cache_index):
+  def __call__(self, x_BxTxE, positions_BxT, kv_valid_BxS, cache_kv, cache_index, layer):
+    """`layer`: this layer's index (traced under the layer scan), i.e. its slice of the cache."""
     cfg = self.cfg
     E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt = cfg.jnp_dtype
@@ -111,34 +121,23 @@ class Attention(nn.Module):
       q_BxTxHxD = RMSNorm(cfg, D, "head_dim", name="q_norm")(q_BxTxHxD)
       k_BxTxKxD = RMSNorm(cfg, D, "head_dim", name="k_norm")(k_BxTxKxD)
     inv_freq = rope_inv_freq(cfg)
-    q_BxTxHxD = apply_rope(q_BxTxHxD, positions_BxT, inv_freq)
-    k_BxTxKxD = apply_rope(k_BxTxKxD, positions_BxT, inv_freq)
+    q_BxTxHxD = _constrain(apply_rope(q_BxTxHxD, positions_BxT, inv_freq), "batch", None, "heads", None)
+    k_BxTxKxD = _constrain(apply_rope(k_BxTxKxD, positions_BxT, inv_freq), "batch", None, "kv_heads", None)
+    v_BxTxKxD = _constrain(v_BxTxKxD, "batch", None, "kv_heads", None)
 
-    T = x_BxTxE.shape[1]
     if cache_kv is None:
-      keys_BxSxKxD, values_BxSxKxD, new_kv = k_BxTxKxD, v_BxTxKxD, None
-      q_slot_T = jnp.arange(T)
+      keys_BxSxKxD, values_BxSxKxD, new_kv, q_offset = k_BxTxKxD, v_BxTxKxD, None, 0
     else:
       # The whole [L,B,S,K,D] cache is updated in place: slicing out a layer and re-stacking
       # copied the entire cache twice per decode step.
       ck, cv = cache_kv
-      at = (self.layer, 0, cache_index, 0, 0)
+      at = (layer, 0, cache_index, 0, 0)
       ck = jax.lax.dynamic_update_slice(ck, k_BxTxKxD[None].astype(ck.dtype), at)
       cv = jax.lax.dynamic_update_slice(cv, v_BxTxKxD[None].astype(cv.dtype), at)
-      keys_BxSxKxD, values_BxSxKxD, new_kv = ck[self.layer], cv[self.layer], (ck, cv)
-      q_slot_T = cache_index + jnp.arange(T)
-    S = keys_BxSxKxD.shape[1]
-    causal_TxS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
-    mask_BxTxS = causal_TxS[None] & kv_valid_BxS[:, None, :].astype(bool)
-
-    G = H // K  # query heads per kv head
-    q_BxTxKxGxD = q_BxTxHxD.reshape(q_BxTxHxD.shape[0], T, K, G, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, keys_BxSxKxD.astype(dt),
-                        preferred_element_type=jnp.float32) / math.sqrt(D)
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, values_BxSxKxD.astype(dt))
-    out_BxTxHxD = out_BxTxKxGxD.reshape(q_BxTxHxD.shape)
+      keys_BxSxKxD, values_BxSxKxD, new_kv, q_offset = ck[layer], cv[layer], (ck, cv), cache_index
+    out_BxTxHxD = attention(q_BxTxHxD, keys_BxSxKxD.astype(dt), values_BxSxKxD.astype(dt), kv_valid_BxS,
+                            q_offset, impl=cfg.attention_impl, block_q=cfg.attention_block,
+                            block_k=cfg.attention_block).astype(dt)
     wo = _param(self, "o_kernel", (H, D, E), ("heads", "head_dim", "embed"), cfg)
     y = jnp.einsum("bthd,hde->bte", out_BxTxHxD, wo.astype(dt))
     if cfg.o_bias:
@@ -157,48 +156,90 @@ class MLP(nn.Module):
     up = _param(self, "up_kernel", (E, F), ("embed", "mlp"), cfg)
     down = _param(self, "down_kernel", (F, E), ("mlp", "embed"), cfg)
     x = x_BxTxE.astype(dt)
-    h = jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+    h = _constrain(jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt)), "batch", None, "mlp")
     return h @ down.astype(dt)
 
 
 class Block(nn.Module):
+  """One decoder layer as a scan body: carry (x, kv cache or None, layer index) -> (carry, None)."""
   cfg: ModelConfig
-  layer: int = 0
 
   @nn.compact
-  def __call__(self, x, positions_BxT, kv_valid_BxS, cache_kv, cache_index):
-    h, new_kv = Attention(self.cfg, self.layer, name="attn")(
+  def __call__(self, carry, positions_BxT, kv_valid_BxS, cache_index):
+    x, kv, layer = carry
+    x = _constrain(x, "batch", None, None)  # activations split by batch, weights gathered (FSDP)
+    h, kv = Attention(self.cfg, name="attn")(
         RMSNorm(self.cfg, self.cfg.hidden_size, name="input_norm")(x),
-        positions_BxT, kv_valid_BxS, cache_kv, cache_index)
+        positions_BxT, kv_valid_BxS, kv, cache_index, layer)
     x = x + h
     x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, self.cfg.hidden_size, name="post_attn_norm")(x))
-    return x, new_kv
+    return (_constrain(x, "batch", None, None), kv, layer + 1), None
+
+
+_REMAT_POLICIES = {
+    # Keep only each layer's input; recompute everything else in the backward pass (least memory).
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    # Keep matmul outputs, recompute the cheap elementwise work.
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    # Keep the weight matmuls' outputs only (not attention's batched q.k / p.v products).
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # As save_dots_no_batch, but parked in host memory (GPU/TPU; XLA:CPU has no pinned host).
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+assert set(_REMAT_POLICIES) == set(REMAT_POLICIES)
+
+
+def _layer_stack(cfg: ModelConfig):
+  """The decoder layers as one `nn.scan` over parameters stacked on a leading `layers` axis.
+
+  One traced layer instead of L unrolled copies: compile time and program size do not grow
+  with depth, and remat applies per scan iteration, so the backward pass holds one layer's
+  activations plus the L layer inputs (the scan's residuals) and nothing else.
+  """
+  block = Block
+  if cfg.remat:
+    block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                 unroll=min(cfg.scan_unroll, cfg.num_layers),
+                 metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, kv_valid_BxS, cache=None, cache_index=0, last_n=None):
+  def __call__(self, tokens_BxT, positions_BxT, kv_valid_BxS, cache=None, cache_index=0, last_n=None,
+               hidden_only=False):
     cfg = self.cfg
     embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
-    x = jnp.take(embed, tokens_BxT, axis=0).astype(cfg.jnp_dtype)
-    block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
+    x = _constrain(jnp.take(embed, tokens_BxT, axis=0).astype(cfg.jnp_dtype), "batch", None, None)
     kv = None if cache is None else (cache["k"], cache["v"])
-    for i in range(cfg.num_layers):
-      x, kv = block_cls(cfg, i, name=f"layers_{i}")(x, positions_BxT, kv_valid_BxS, kv, cache_index)
+    (x, kv, _), _ = _layer_stack(cfg)(cfg, name="layers")(
+        (x, kv, jnp.int32(0)), positions_BxT, kv_valid_BxS, cache_index)
     if last_n is not None:  # only these positions need logits: no [B, T, V] for a long prompt
       x = x[:, -last_n:]
     x = RMSNorm(cfg, cfg.hidden_size, name="final_norm")(x)
-    if cfg.tie_word_embeddings:
-      head_ExV = embed.T
-    else:
-      head_ExV = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
-    head_dt = jnp.float32 if cfg.lm_head_f32 else cfg.jnp_dtype
-    logits_BxTxV = jnp.einsum("bte,ev->btv", x.astype(head_dt), head_ExV.astype(head_dt),
-                              preferred_element_type=jnp.float32)
+    head_params = {"embed": embed}
+    if not cfg.tie_word_embeddings:
+      head_params["lm_head"] = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
     new_cache = None if cache is None else {"k": kv[0], "v": kv[1]}
-    return logits_BxTxV, new_cache
+    if hidden_only:
+      return x, new_cache
+    return lm_logits(head_params, cfg, x), new_cache
+
+
+def lm_head(params: Params, cfg: ModelConfig):
+  """The LM head [E, V] (the transposed embedding when tied), in the head's compute dtype."""
+  head_ExV = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+  return head_ExV.astype(jnp.float32 if cfg.lm_head_f32 else cfg.jnp_dtype)
+
+
+def lm_logits(params: Params, cfg: ModelConfig, h_BxTxE):
+  """float32 logits [B, T, V] of final-normed hidden states (`params` needs only embed / lm_head)."""
+  head_ExV = lm_head(params, cfg)
+  return jnp.einsum("bte,ev->btv", h_BxTxE.astype(head_ExV.dtype), head_ExV,
+                    preferred_element_type=jnp.float32)
 
 
 def positions_from_mask(mask_BxT):
@@ -225,6 +266,19 @@ def forward(params: Params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, kv
     positions_BxT = positions_from_mask(kv_valid_BxS)
   return Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT, kv_valid_BxS,
                                 cache, cache_index, last_n)
+
+
+def hidden_states(params: Params, cfg: ModelConfig, tokens_BxT, kv_valid_BxT=None, last_n: int | None = None):
+  """The model body without the LM head: final-normed hidden states [B, T or last_n, E].
+
+  The trainer feeds these to the chunked log-prob path (`cispo_jax.model.logprobs`), so no
+  [tokens, vocab] array exists for a whole sequence.
+  """
+  if kv_valid_BxT is None:
+    kv_valid_BxT = jnp.ones(tokens_BxT.shape, bool)
+  h, _ = Transformer(cfg).apply({"params": params}, tokens_BxT, positions_from_mask(kv_valid_BxT),
+                                kv_valid_BxT, None, 0, last_n, True)
+  return h
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None):

@@ -2,9 +2,9 @@
 
 Parameters, gradients and optimizer moments are exact: every array's shard shape
 comes from the same `resolve_spec` that places it on a real mesh. Activations
-are an estimate (formula in `plan_memory`): XLA may fuse buffers away or keep
-more temporaries (XLA:CPU kept 1.8-3x this for Qwen2.5-0.5B-shaped steps, mostly
-float32 [tokens, vocab] buffers of the log-prob path).
+follow a formula measured against XLA's own figures (`compiled.py`; the formula and
+where it was fitted are in `plan_memory`). For a new shape, the truth is
+`compiled_memory(...)`, which compiles the real program and runs nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from cispo_jax.model import ModelConfig, logical_axes, param_shapes
+from cispo_jax.model.attention import DENSE_MAX_TS
 from cispo_jax.sharding.mesh import CACHE_AXES, RULES, axis_sizes, resolve_spec, shard_shape
 
 # Public Qwen2.5 config.json values (base models). Run as: bf16 compute,
@@ -84,44 +85,49 @@ def _split(dim: int, name: str, sizes, rules) -> int:
 
 
 def plan_memory(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_size: int, seq_len: int, *,
-                param_bytes: int | None = None, grad_bytes: int | None = None, optimizer: str = "adamw",
-                opt_state_bytes: int = 4, act_bytes: int | None = None, remat: bool | None = None,
+                completion_len: int | None = None, param_bytes: int | None = None,
+                grad_bytes: int | None = None, optimizer: str = "adamw", opt_state_bytes: int = 4,
+                act_bytes: int | None = None, remat: bool | None = None,
                 rollout_batch: int | None = None, rollout_len: int | None = None,
-                kv_bytes: int | None = None, head_copies: int = 4, rules=RULES) -> MemoryPlan:
+                kv_bytes: int | None = None, rules=RULES) -> MemoryPlan:
   """Per-device bytes of one training micro-batch and one rollout batch.
 
-  `batch_size` / `rollout_batch` are global sequence counts; `mesh_shape` is a
-  dict like {"fsdp": 4, "tensor": 2} (missing axes = 1). Byte sizes default to
-  the config's dtypes (params and grads: param_dtype; activations and KV cache:
-  dtype); optimizer moments default to float32.
+  `batch_size` / `rollout_batch` are global sequence counts; `seq_len` is prompt + completion,
+  `completion_len` the tokens that get log-probs (default seq_len); `mesh_shape` is a dict
+  like {"fsdp": 4, "tensor": 2} (missing axes = 1). Byte sizes default to the config's dtypes
+  (params and grads: param_dtype; activations and KV cache: dtype); optimizer moments float32.
 
-  params, grads, optimizer: sum over parameters of the per-device shard size
-  (rules + divisibility fallback, as placed by `param_shardings`) x bytes, and
-  x moments (adamw: 2) for the optimizer.
+  params, grads, optimizer: exact. The sum over parameters of the per-device shard size
+  (rules + divisibility fallback, as placed by `param_shardings`) x bytes, x moments for
+  the optimizer (adamw: 2).
 
-  activations (estimate, FSDP's gathered-weight working set included), with
-  b = batch rows per device (batch over data x fsdp), T = seq_len, a = act_bytes,
-  E, F, H, K, D, V, L from the config, and h, k, f, v the per-device heads, kv
-  heads, MLP width and vocab after tensor splitting:
-      block(b) = b*T*a*(4E + 3h*D + 3k*D + 4f)   norm in/out x2, q/k/v pre+post
-                                                  RoPE, attention out, gate/up/
-                                                  silu/product
-               + b*h*T*T*(4 + a)                  f32 scores + probs (no flash)
-      head     = head_copies * b*T*v*4            f32 [T, V] buffers of the LM head
-                                                  and log-prob/entropy path (default
-                                                  4: logits, exp, dlogits, one spare)
-      unit     = 2 * U * param_bytes              U = elements of the largest FSDP
-                                                  unit (a block, the embedding or the
-                                                  LM head) gathered over fsdp (still
-                                                  split over tensor): the gathered
-                                                  weights and their full-size
-                                                  gradient before the reduce-scatter;
-                                                  0 when fsdp = 1
-      remat:     L*b*T*E*a + block(b) + head + unit   block inputs kept, one block
-                                                      recomputed at a time
-      no remat:  L*block(b) + head + unit
-  kv_cache = 2 (k, v) * L * b_r * S * k * D * kv_bytes, with b_r rollout rows per
-  device and S = rollout_len cache slots.
+  activations: the temporaries of the update's gradient, a formula whose coefficients were
+  measured against `compiled.memory_analysis()` of `jax.value_and_grad(train_step._loss_fn)`
+  (XLA:CPU, Qwen2.5-0.5B shapes, bf16 compute, 1k-16k tokens, 2-24 layers; re-checked by
+  tests/test_scale.py at several (layers, tokens, mesh) points, within 30%). With b rows per
+  device (batch over data x fsdp), T = seq_len, N = completion_len, a = act_bytes, E, F, H,
+  K, D, V, L from the config and h, k, f, v the per-device heads, kv heads, MLP width, vocab:
+      layer(T)  = a*(4E + 3h*D + 3k*D + 4f)        one layer's activations per token
+      remat:      2*L*b*T*E*a                       each layer's saved input (XLA keeps two
+                                                    copies of the scan's carry per layer)
+                + 0.25*b*T*layer(T)                 one layer recomputed at a time
+      no remat:   3.2*L*b*T*layer(T)                every layer's residuals (XLA:CPU keeps f32
+                                                    copies next to the bf16 ones)
+      attention = b*h*T*T*(4 + a) per live layer    only when the dense path runs (T*T <=
+                                                    attention.DENSE_MAX_TS on CPU, or
+                                                    attention_impl="dense"); the blockwise and
+                                                    fused kernels hold O(T) per layer
+      head      = c*b*n*v*4 + E*v*4                 n = min(N, logprob_chunk) positions of f32
+                                                    logits at a time (c = 3 buffers when chunked,
+                                                    1.1 on the single-chunk path) + the LM head's
+                                                    f32 gradient accumulator
+      unit      = 2 * U * param_bytes               FSDP: the largest unit (one layer of the
+                                                    stack, the embedding or the LM head) gathered
+                                                    over fsdp, still split over tensor, and its
+                                                    gradient before the reduce-scatter; 0 without
+                                                    fsdp
+  kv_cache = 2 (k, v) * L * b_r * S * k * D * kv_bytes, with b_r rollout rows per device and
+  S = rollout_len cache slots.
   """
   if optimizer not in OPTIMIZER_MOMENTS:
     raise ValueError(f"plan_memory optimizer={optimizer!r}; allowed: {sorted(OPTIMIZER_MOMENTS)}")
@@ -138,24 +144,31 @@ def plan_memory(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_siz
   rollout_batch = rollout_batch or batch_size
   rollout_len = rollout_len or seq_len
 
+  completion_len = completion_len or seq_len
   layout = _param_layout(cfg)
   elems = _local_elems(layout, sizes, rules)
-  # FSDP all-gathers one unit (a block, the embedding, the LM head) at a time: full over
-  # fsdp, still split over tensor.
+  # FSDP all-gathers one unit at a time: one layer of the stack, the embedding or the LM head,
+  # full over fsdp and still split over tensor.
   tensor_only = dict(sizes, data=1, fsdp=1)
-  units = {name for name, _, _ in layout}
-  gathered = max(_local_elems([x for x in layout if x[0] == u], tensor_only, rules) for u in units)
+  gathered = max(_local_elems([x for x in layout if x[0] == u], tensor_only, rules)
+                 // (cfg.num_layers if u == "layers" else 1) for u in {name for name, _, _ in layout})
 
   E, F, H, K, D, V, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                          cfg.head_dim, cfg.vocab_size, cfg.num_layers)
   b = batch_size // _split(batch_size, "batch", sizes, rules)
   h, k = H // _split(H, "heads", sizes, rules), K // _split(K, "kv_heads", sizes, rules)
   f, v = F // _split(F, "mlp", sizes, rules), V // _split(V, "vocab", sizes, rules)
-  T, a = seq_len, act_bytes
-  block = b * T * a * (4 * E + 3 * h * D + 3 * k * D + 4 * f) + b * h * T * T * (4 + a)
-  head = head_copies * b * T * v * 4
+  T, N, a = seq_len, completion_len, act_bytes
+  layer = a * (4 * E + 3 * h * D + 3 * k * D + 4 * f)
+  dense = cfg.attention_impl == "dense" or (cfg.attention_impl == "auto" and T * T <= DENSE_MAX_TS)
+  attention = b * h * T * T * (4 + a) if dense else 0
+  n = min(N, cfg.logprob_chunk)
+  head = int((3 if N > cfg.logprob_chunk else 1.1) * b * n * v * 4) + E * v * 4
   unit = 2 * gathered * param_bytes if sizes["fsdp"] > 1 else 0
-  activations = (L * b * T * E * a + block + head + unit) if remat else (L * block + head + unit)
+  if remat:
+    activations = 2 * L * b * T * E * a + int(0.25 * b * T * layer) + attention + head + unit
+  else:
+    activations = int(3.2 * L * b * T * layer) + L * attention + head + unit
 
   cache_shape = (L, rollout_batch, rollout_len, K, D)
   cache_block = shard_shape(cache_shape, resolve_spec(CACHE_AXES, cache_shape, sizes, rules), sizes)
