@@ -94,6 +94,13 @@ def compile_grid(args, name, cfg):
               f"{m.output / GiB:.2f} | {plan} | {m.compile_s:.1f} |", flush=True)
 
 
+def varied_reward(completion, example):
+  """A reward with variance on random-weight text (crc32 parity), so the update really runs:
+  with the task's own reward a random model scores 0 everywhere and the update is skipped."""
+  import zlib
+  return float(zlib.crc32(completion.encode()) % 2)
+
+
 def run_iteration(args):
   """One real RL iteration of the trainer on a random Qwen2.5-0.5B-shaped directory (CPU)."""
   import jax
@@ -121,8 +128,11 @@ def run_iteration(args):
                   eval_every=10 ** 6, save_every=10 ** 6, export_final=False, dtype=args.dtype,
                   param_dtype=args.param_dtype, remat=not args.no_remat, remat_policy=args.remat_policy,
                   temperature=1.0)
+    here = os.path.dirname(os.path.abspath(__file__))  # the reward worker imports bench_scale from here
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    task = TaskConfig(rewards=(("bench_scale:varied_reward", 1.0),))
     trainer = Trainer(rl, losses.LossConfig(), OptimConfig(learning_rate=1e-6),
-                      sharding.MeshConfig(fsdp=1), TaskConfig(), devices=jax.devices()[:1])
+                      sharding.MeshConfig(fsdp=1), task, devices=jax.devices()[:1])
     t2 = time.perf_counter()
     metrics = trainer.step()
     t3 = time.perf_counter()

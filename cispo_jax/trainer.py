@@ -65,7 +65,7 @@ class RLConfig:
   lm_head_f32: bool = True
   remat: bool = False  # rematerialise each layer in the backward pass
   remat_policy: str = "nothing_saveable"  # nothing_saveable | save_dots | save_dots_no_batch | offload_dots
-  scan_unroll: int = 1  # layers per iteration of the layer scan
+  scan_unroll: int = 0  # layers per iteration of the layer scan; 0 = auto (ModelConfig.scan_unroll)
   attention_impl: str = "auto"  # auto | dense | blockwise | cudnn | splash (model/attention.py)
   attention_block: int = 512
   logprob_chunk: int = 1024  # completion positions per LM-head chunk of the training log-probs

@@ -43,7 +43,10 @@ class ModelConfig:
   lm_head_f32: bool = True  # MiniMax-M1: keep the LM head in float32
   remat: bool = False  # rematerialise each layer in the backward pass (see REMAT_POLICIES)
   remat_policy: str = "nothing_saveable"  # what a rematerialised layer keeps
-  scan_unroll: int = 1  # layers per scan iteration (num_layers = straight-line code)
+  # Layers per iteration of the layer scan; num_layers = straight-line code. 0 = auto: unrolled
+  # for <= 4 layers without remat (tiny models: XLA fuses across layers, ~25% faster update on
+  # CPU), else 1 (compile time flat in depth; on XLA:CPU remat only holds inside a scan).
+  scan_unroll: int = 0
   attention_impl: str = "auto"  # cispo_jax.model.attention.IMPLS
   attention_block: int = 512  # query/key block of the blockwise and splash kernels
   logprob_chunk: int = 1024  # completion tokens per LM-head chunk in the trainer's log-probs
@@ -62,7 +65,9 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r}; allowed: {sorted(REMAT_POLICIES)}")
     if self.attention_impl not in IMPLS:
       raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}; allowed: {list(IMPLS)}")
-    for name in ("scan_unroll", "attention_block", "logprob_chunk"):
+    if self.scan_unroll < 0:
+      raise ValueError(f"ModelConfig.scan_unroll={self.scan_unroll}; must be >= 0 (0 = auto)")
+    for name in ("attention_block", "logprob_chunk"):
       if getattr(self, name) < 1:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)}; must be >= 1")
     if self.head_dim % 2:
@@ -70,6 +75,12 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+  @property
+  def layers_per_scan_step(self) -> int:
+    if self.scan_unroll:
+      return min(self.scan_unroll, self.num_layers)
+    return self.num_layers if (not self.remat and self.num_layers <= 4) else 1
 
   @property
   def jnp_dtype(self):

@@ -201,7 +201,7 @@ def _layer_stack(cfg: ModelConfig):
     block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                 unroll=min(cfg.scan_unroll, cfg.num_layers),
+                 unroll=cfg.layers_per_scan_step,
                  metadata_params={nn.PARTITION_NAME: "layers"})
 
 

@@ -121,11 +121,11 @@ def plan_memory(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_siz
                                                     logits at a time (c = 3 buffers when chunked,
                                                     1.1 on the single-chunk path) + the LM head's
                                                     f32 gradient accumulator
-      unit      = 2 * U * param_bytes               FSDP: the largest unit (one layer of the
+      unit      = U * param_bytes                   FSDP: the largest unit (one layer of the
                                                     stack, the embedding or the LM head) gathered
-                                                    over fsdp, still split over tensor, and its
-                                                    gradient before the reduce-scatter; 0 without
-                                                    fsdp
+                                                    over fsdp, still split over tensor (XLA
+                                                    reduce-scatters its gradient without a second
+                                                    full copy: measured); 0 without fsdp
   kv_cache = 2 (k, v) * L * b_r * S * k * D * kv_bytes, with b_r rollout rows per device and
   S = rollout_len cache slots.
   """
@@ -164,7 +164,7 @@ def plan_memory(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_siz
   attention = b * h * T * T * (4 + a) if dense else 0
   n = min(N, cfg.logprob_chunk)
   head = int((3 if N > cfg.logprob_chunk else 1.1) * b * n * v * 4) + E * v * 4
-  unit = 2 * gathered * param_bytes if sizes["fsdp"] > 1 else 0
+  unit = gathered * param_bytes if sizes["fsdp"] > 1 else 0
   if remat:
     activations = 2 * L * b * T * E * a + int(0.25 * b * T * layer) + attention + head + unit
   else:
