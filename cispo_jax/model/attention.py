@@ -329,6 +329,12 @@ def blockwise_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, kv_valid_BxS, q_offset=
 # cudnn (NVIDIA GPU)
 
 
+def _require_self_attention(name, T, S, q_offset):
+  if T != S or _static_int(q_offset) != 0:
+    raise ValueError(f"{name} attention needs self-attention: T == S and a static q_offset of 0 "
+                     f"(got T={T}, S={S}, q_offset={q_offset}); use blockwise")
+
+
 def cudnn_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, kv_valid_BxS, q_offset=0, *,
                     implementation="cudnn"):
   """cuDNN flash attention for self-attention (T == S, q_offset == 0); see the module docstring.
@@ -336,10 +342,7 @@ def cudnn_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, kv_valid_BxS, q_offset=0, *
   implementation="xla" runs the same rotation + lengths through XLA's reference (tests on CPU).
   """
   B, T, H, D = q_BxTxHxD.shape
-  S = k_BxSxKxD.shape[1]
-  if T != S or _static_int(q_offset) != 0:
-    raise ValueError("cudnn attention needs self-attention: T == S and a static q_offset of 0 "
-                     f"(got T={T}, S={S}, q_offset={q_offset}); use blockwise")
+  _require_self_attention("cudnn", T, k_BxSxKxD.shape[1], q_offset)
   dt = q_BxTxHxD.dtype
   valid_BxT = kv_valid_BxS.astype(bool)
   # L = left pads (index of the first valid slot; 0 for an all-pad row), n = valid tokens.
@@ -384,10 +387,7 @@ def splash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, kv_valid_BxS, q_offset=0, 
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
   B, T, H, D = q_BxTxHxD.shape
-  S = k_BxSxKxD.shape[1]
-  if T != S or _static_int(q_offset) != 0:
-    raise ValueError("splash attention needs self-attention: T == S and a static q_offset of 0 "
-                     f"(got T={T}, S={S}, q_offset={q_offset}); use blockwise")
+  _require_self_attention("splash", T, k_BxSxKxD.shape[1], q_offset)
   dt = q_BxTxHxD.dtype
   # Kernel blocks must be multiples of 128 (lanes) and divide the padded length.
   bq = min(_round_up(block_q, 128), _round_up(T, 128))
