@@ -21,6 +21,7 @@ printing its wall time and the process's peak RSS.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import resource
 import sys
@@ -106,7 +107,7 @@ def run_iteration(args):
   import jax
 
   from cispo_jax import losses, sharding
-  from cispo_jax.model.tiny import make_tiny_model_dir
+  from cispo_jax.model.tiny import DEFAULT_ALPHABET, make_tiny_model_dir
   from cispo_jax.optim import OptimConfig
   from cispo_jax.task import TaskConfig
   from cispo_jax.trainer import RLConfig, Trainer
@@ -115,7 +116,13 @@ def run_iteration(args):
   shape.pop("architecture")
   with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
-    model_dir = make_tiny_model_dir(os.path.join(tmp, "model"), "qwen2", hidden_size=shape.pop("hidden_size"),
+    # One character per model token: with the small default alphabet almost every sampled id would
+    # decode to "" and every reward (hence every advantage) would be 0, so the update would be skipped.
+    extra = (chr(c) for c in range(0x100, 0x110000) if not 0xD800 <= c < 0xE000)
+    alphabet = DEFAULT_ALPHABET + "".join(itertools.islice(
+        (ch for ch in extra if ch not in DEFAULT_ALPHABET), shape["vocab_size"] - 3 - len(DEFAULT_ALPHABET)))
+    model_dir = make_tiny_model_dir(os.path.join(tmp, "model"), "qwen2", tokenizer=alphabet,
+                                    hidden_size=shape.pop("hidden_size"),
                                     intermediate_size=shape.pop("intermediate_size"),
                                     num_layers=shape.pop("num_layers"), num_heads=shape.pop("num_heads"),
                                     num_kv_heads=shape.pop("num_kv_heads"), head_dim=shape.pop("head_dim"),

@@ -7,6 +7,16 @@ Every estimator centres a reward on its group's mean; they differ in the scale:
   none    (Dr.GRPO)       no scaling
   rloo                    r_i - mean of the OTHER n-1 rewards of the group = n/(n-1) (r_i - mean)
 Standard deviations are the unbiased (n-1) estimate, as TRL and verl compute them.
+
+Overflow: squaring a reward of 1e20 (or summing a few of 1e38) overflows float32, which used to
+turn a group's std into inf and its advantages into 0 or NaN. Every estimator is therefore
+computed on rewards divided by a power of two s with s <= max |r| < 2 s (max over the group, or
+over the batch for the batch std) and multiplied back where the result has the rewards' units.
+Scaling by a power of two is exact, so wherever the unscaled formula neither overflows nor
+underflows the advantages are bitwise the same; the eps of the std modes is divided by s too, so
+each estimator keeps its meaning at any reward scale.
+Non-finite rewards (inf, NaN) still give non-finite advantages for their group: the train step
+skips such an update (train_step.py) instead of learning from it.
 """
 
 from typing import Callable
@@ -31,6 +41,18 @@ def _std(x, axis=None):
   return jnp.sqrt(var / max(n - 1, 1))
 
 
+def _pow2_scale(r, axis=None):
+  """A power of two s with s <= max|r| < 2 s over `axis` (1/2 for all-zero rewards).
+
+  r / s then lies in (-2, 2): its squares and sums cannot overflow. The exponent is clipped to
+  [-126, 126], so s and 1/s are both normal floats (XLA may divide by s as a product with 1/s,
+  and flushes subnormals to zero); only rewards above 2^127 then reach |r / s| < 4. An inf or NaN
+  reward gives s = 1/2.
+  """
+  _, e = jnp.frexp(jnp.abs(r).max(axis=axis, keepdims=True))
+  return jnp.ldexp(jnp.ones((), r.dtype), jnp.clip(e - 1, -126, 126))
+
+
 STD_MODES = ("group", "batch", "none")
 
 
@@ -39,12 +61,16 @@ def group_advantages(rewards_N, num_generations, std_mode="group", eps=1e-6):
   if std_mode not in STD_MODES:
     raise ValueError(f"std_mode={std_mode!r} is not one of {list(STD_MODES)}")
   r_GxN = _groups(rewards_N, num_generations)
-  centred_GxN = r_GxN - r_GxN.mean(axis=1, keepdims=True)
-  if std_mode == "group":
-    centred_GxN = centred_GxN / (_std(r_GxN, axis=1) + eps)
-  elif std_mode == "batch":
-    centred_GxN = centred_GxN / (_std(r_GxN) + eps)
-  return centred_GxN.reshape(-1)
+  s = _pow2_scale(r_GxN, axis=None if std_mode == "batch" else 1)  # [1, 1] or [G, 1]
+  x_GxN = r_GxN / s
+  centred_GxN = x_GxN - x_GxN.mean(axis=1, keepdims=True)
+  if std_mode == "none":
+    return (centred_GxN * s).reshape(-1)
+  std = _std(x_GxN, axis=None if std_mode == "batch" else 1)
+  # (r - mean) / (std(r) + eps) with r = s x. eps / s may underflow to 0 for a huge s; the
+  # denominator is then 0 only where every centred value is exactly 0 too, so it is floored.
+  denom = jnp.maximum(std + eps / s, jnp.finfo(x_GxN.dtype).tiny)
+  return (centred_GxN / denom).reshape(-1)
 
 
 def rloo_advantages(rewards_N, num_generations):
@@ -53,8 +79,10 @@ def rloo_advantages(rewards_N, num_generations):
   if num_generations < 2:
     raise ValueError(f"num_generations={num_generations} must be >= 2 for RLOO (the baseline "
                      "is the mean of the other completions)")
-  others_GxN = (r_GxN.sum(axis=1, keepdims=True) - r_GxN) / (num_generations - 1)
-  return (r_GxN - others_GxN).reshape(-1)
+  s = _pow2_scale(r_GxN, axis=1)  # the group's sum must not overflow
+  x_GxN = r_GxN / s
+  others_GxN = (x_GxN.sum(axis=1, keepdims=True) - x_GxN) / (num_generations - 1)
+  return ((x_GxN - others_GxN) * s).reshape(-1)
 
 
 def zero_variance_mask(rewards_N, num_generations):

@@ -112,8 +112,10 @@ def bootstrap_model(task_cfg, cfg: BootstrapConfig) -> str:
   """Build (or reuse) the bootstrap model directory for this task and return its path."""
   from cispo_jax.task import make_sources  # here: task.py imports the data layer only
 
-  # Keyed on what shapes the model: the reward mix and its timeout don't, so changing them reuses it.
-  data_cfg = {k: v for k, v in dataclasses.asdict(task_cfg).items() if k not in ("rewards", "reward_timeout_s")}
+  # Keyed on what shapes the model: the reward mix, its timeout and the too-long policy (the SFT
+  # examples are not filtered by it) don't, so changing them reuses it.
+  data_cfg = {k: v for k, v in dataclasses.asdict(task_cfg).items()
+              if k not in ("rewards", "reward_timeout_s", "too_long")}
   key = hashlib.sha1(json.dumps([dataclasses.asdict(cfg), data_cfg], sort_keys=True, default=str).encode()
                      ).hexdigest()[:12]
   path = os.path.join(cfg.cache_dir, f"model-{key}")

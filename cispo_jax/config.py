@@ -2,19 +2,28 @@
 
 The config dataclasses stay plain (tests build them directly); here each is registered with gin
 under its class name, so a gin file or `--gin_param` binds `LossConfig.epsilon_high = 5.0`. gin
-rejects an unknown configurable or parameter while parsing, naming the file, line and key, and
-the dataclasses validate values when built: both happen before anything is compiled.
+rejects an unknown configurable or parameter while parsing, naming the file, line and key; every
+bound value is then checked against its field's annotation (`check_field`: an int field takes no
+8.0 and no True, a bool field no 'False', a float field takes 2 as 2.0) and the error names the
+class, field, value, expected type and the gin file:line or flag that set it; last, the dataclasses
+validate values when built. All of it happens before anything is compiled.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import inspect
+import numbers
 import os
+import types
+import typing
 from typing import Any, Sequence
 
 import gin
+import numpy as np
+from gin import config_parser
 
 from cispo_jax import losses, sharding
 from cispo_jax.bootstrap import BootstrapConfig
@@ -56,8 +65,15 @@ def _makers():
   return _GIN_MAKERS
 
 
-def _gin_literal(value: str) -> str:
-  """A shorthand's value as a gin literal: numbers, booleans and None as-is, anything else quoted."""
+def _gin_literal(value: str, target: str | None = None) -> str:
+  """A shorthand's value as a gin literal: numbers, booleans and None as-is, anything else quoted;
+  for a target field that takes a string (`--run_dir 2024`), always a string (None if allowed)."""
+  if target is not None:
+    cls_name, field = target.split(".")
+    hint = typing.get_type_hints(CONFIG_CLASSES[cls_name])[field]
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if str in members:
+      return "None" if value == "None" and type(None) in members else repr(value)
   if value in ("True", "False", "None"):
     return value
   try:
@@ -65,6 +81,198 @@ def _gin_literal(value: str) -> str:
     return value
   except ValueError:
     return repr(value)
+
+
+class ConfigTypeError(TypeError, ValueError):
+  """A bound value does not match its field's annotation (a ValueError too, like every bad config)."""
+
+
+class _Mismatch(Exception):
+  """Raised by _coerce; its text is a hint (may be empty), or for a container which element is wrong."""
+
+
+def _type_name(hint) -> str:
+  if hint is type(None):
+    return "None"
+  if isinstance(hint, type) and not typing.get_args(hint):
+    return hint.__name__
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin in (typing.Union, types.UnionType):
+    return " | ".join(_type_name(a) for a in args)
+  if origin is typing.Literal:
+    return " | ".join(repr(a) for a in args)
+  if origin is not None and args:
+    inner = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args)
+    return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+  return str(hint).replace("typing.", "")
+
+
+def _describe(value) -> str:
+  return f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(value, hint):
+  """`value` as the annotation `hint` wants it (int -> float, list -> tuple), or raise _Mismatch.
+
+  Strict where Python is loose: a bool is not an int or a float, 8.0 is not an int, a string
+  is never a number or a bool.
+  """
+  if hint is Any or hint is object:
+    return value
+  if hint is None or hint is type(None):
+    if value is None:
+      return None
+    raise _Mismatch("")
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    # A member the value already is wins (int | float keeps 2 an int); then any that converts.
+    for member in args:
+      if isinstance(member, type) and not typing.get_args(member) and type(value) is member:
+        return value
+    hints = []
+    for member in args:
+      try:
+        return _coerce(value, member)
+      except _Mismatch as e:
+        hints.append(str(e))
+    raise _Mismatch("; ".join(h for h in dict.fromkeys(hints) if h))
+  if origin is typing.Literal:
+    for allowed in args:
+      if type(value) is type(allowed) and value == allowed:
+        return value
+    raise _Mismatch("")
+  if hint is bool:
+    if isinstance(value, (bool, np.bool_)):
+      return bool(value)
+    raise _Mismatch("only True or False (unquoted) is a bool")
+  if hint is int:
+    if isinstance(value, (bool, np.bool_)):
+      raise _Mismatch("a bool is not an int")
+    if isinstance(value, numbers.Integral):
+      return int(value)
+    if isinstance(value, float) and value.is_integer():
+      raise _Mismatch(f"a float is not an int, write {int(value)}")
+    return _raise_text_hint(value)
+  if hint is float:
+    if isinstance(value, (bool, np.bool_)):
+      raise _Mismatch("a bool is not a number")
+    if isinstance(value, numbers.Real):
+      return float(value)
+    return _raise_text_hint(value)
+  if hint is str:
+    if isinstance(value, str):
+      return value
+    raise _Mismatch("quote a string value")
+  container = origin if origin is not None else hint
+  if container in (tuple, list, collections.abc.Sequence):
+    if not isinstance(value, (tuple, list)):
+      raise _Mismatch("")
+    items = list(value)
+    if args and container is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+      args = () if args == ((),) else args
+      if len(items) != len(args):
+        raise _Mismatch(f"{len(items)} items, not {len(args)}")
+      items = [_coerce_item(x, a, i) for i, (x, a) in enumerate(zip(items, args))]
+    elif args:
+      items = [_coerce_item(x, args[0], i) for i, x in enumerate(items)]
+    return items if container is list else tuple(items)
+  if container in (dict, collections.abc.Mapping):
+    if not isinstance(value, collections.abc.Mapping):
+      raise _Mismatch("")
+    if not args:
+      return dict(value)
+    return {_coerce_item(k, args[0], f"key {k!r}"): _coerce_item(v, args[1], repr(k)) for k, v in value.items()}
+  if isinstance(container, type):
+    if isinstance(value, container):
+      return value
+    raise _Mismatch("")
+  return value  # an annotation this checker does not model (a TypeVar, a Protocol...): unchecked
+
+
+def _raise_text_hint(value):
+  if isinstance(value, str):
+    raise _Mismatch("a quoted string is not a number")
+  raise _Mismatch("")
+
+
+def _coerce_item(value, hint, where):
+  try:
+    return _coerce(value, hint)
+  except _Mismatch as e:
+    raise _Mismatch(f"item [{where}] should be {_type_name(hint)}, got {_describe(value)}"
+                    + (f" ({e})" if str(e) else "")) from None
+
+
+def check_field(cls, field: str, value, origin: str | None = None):
+  """`value` converted to `cls.field`'s annotation, or ConfigTypeError naming class, field,
+  value, expected type and (if given) where the value came from."""
+  hint = typing.get_type_hints(cls)[field]
+  try:
+    return _coerce(value, hint)
+  except _Mismatch as e:
+    detail = f" ({e})" if str(e) else ""
+    where = f"; set by {origin}" if origin else ""
+    raise ConfigTypeError(f"{cls.__name__}.{field} expects {_type_name(hint)}, got {_describe(value)}"
+                          f"{detail}{where}") from None
+
+
+class _NoEvalDelegate(config_parser.ParserDelegate):
+  """Lets gin's parser walk bindings for their locations without resolving references."""
+
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    return None
+
+  def macro(self, macro_name):
+    return None
+
+
+def _find_gin_file(name: str) -> str | None:
+  if os.path.isabs(name):
+    return name if os.path.exists(name) else None
+  for prefix in getattr(gin.config, "_LOCATION_PREFIXES", ["", CONFIG_DIR]):
+    path = os.path.join(prefix, name)
+    if os.path.exists(path):
+      return path
+  return None
+
+
+def _binding_origin(cls_name: str, field: str, gin_files: Sequence[str], gin_params: Sequence[str],
+                    shorthands: dict[str, str]) -> str | None:
+  """Where the binding of cls_name.field that gin used was written: the last one of the files
+  (includes followed), then --gin_param, then the shorthand flags. None if not found."""
+  for flag in reversed(list(shorthands)):
+    if SHORTHANDS.get(flag) == f"{cls_name}.{field}":
+      return f"flag --{flag} {shorthands[flag]}"
+  found: list[str] = []
+
+  def walk(text_or_file, label, depth=0):
+    for statement in config_parser.ConfigParser(text_or_file, _NoEvalDelegate()):
+      if isinstance(statement, config_parser.BindingStatement):
+        selector = statement.selector
+        if (not statement.scope and statement.arg_name == field
+            and (selector == cls_name or selector.endswith("." + cls_name))):
+          found.append(label(statement.location))
+      elif isinstance(statement, config_parser.IncludeStatement) and depth < 32:
+        path = _find_gin_file(statement.filename)
+        if path is not None:
+          walk_file(path, depth + 1)
+
+  def walk_file(path, depth=0):
+    with open(path) as f:
+      walk(f, lambda loc: f"{path}:{loc.line_num} ({loc.line_content.strip()})", depth)
+
+  try:
+    for path in gin_files:
+      path = _find_gin_file(path)
+      if path is not None:
+        walk_file(path)
+    for binding in gin_params:
+      walk(binding, lambda loc, b=binding: f"--gin_param {b!r}")
+  except Exception:  # the origin is a courtesy: gin has parsed all of this already
+    pass
+  return found[-1] if found else None
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -88,12 +296,37 @@ def parse(gin_files: Sequence[str] | None = None, gin_params: Sequence[str] = ()
   for flag, value in (shorthands or {}).items():
     if flag not in SHORTHANDS:
       raise ValueError(f"unknown flag --{flag}; shorthands: {sorted(SHORTHANDS)}")
-    bindings.append(f"{SHORTHANDS[flag]} = {_gin_literal(value)}")
+    bindings.append(f"{SHORTHANDS[flag]} = {_gin_literal(value, SHORTHANDS[flag])}")
   gin.parse_config_files_and_bindings(list(gin_files), bindings)
-  built = {name: make() for name, make in makers.items()}
+  built = {}
+  for name, make in makers.items():
+    cls = CONFIG_CLASSES[name]
+    kwargs = {}
+    for field, value in gin.get_bindings(name).items():  # macros and references resolved
+      try:
+        kwargs[field] = check_field(cls, field, value)
+      except ConfigTypeError:  # again, now saying where the value was written
+        origin = _binding_origin(name, field, gin_files, gin_params, shorthands or {})
+        check_field(cls, field, value, origin or "a gin binding")
+        raise
+    built[name] = make(**kwargs)  # explicit arguments win over gin's: the checked values are used
   built["LossConfig"] = run_loss_config(built["LossConfig"], built["RLConfig"])  # validated before compiling
+  _check_groups(built["RLConfig"])
   built["operative"] = _operative(built)
   return built
+
+
+def _check_groups(rl: RLConfig) -> None:
+  """Every advantage estimator (advantages.ADVANTAGE_ESTIMATORS) is relative to the prompt's
+  group of num_generations completions: a group of one has advantage 0 (rloo: undefined) and
+  zero reward variance, so every iteration would be skipped, without a warning."""
+  if rl.num_generations < 2:
+    raise ValueError(
+        f"RLConfig.num_generations={rl.num_generations} with RLConfig.advantage={rl.advantage!r}: the "
+        f"advantage is relative to the group of num_generations completions of a prompt, and a group of "
+        f"one carries no signal (its advantage is 0"
+        f"{', and RLConfig.filter_zero_variance drops it' if rl.filter_zero_variance else ''}), so every "
+        f"iteration would be skipped. Use RLConfig.num_generations >= 2.")
 
 
 def _operative(built: dict[str, Any]) -> str:

@@ -6,9 +6,12 @@ Only the main process writes (the caller passes enabled=False elsewhere).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Mapping
+
+log = logging.getLogger(__name__)
 
 
 def _finite_or_none(v: float):
@@ -16,47 +19,77 @@ def _finite_or_none(v: float):
 
 
 class MetricWriter:
-  def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True):
+  """Appends one JSON row per iteration to metrics.jsonl (and TensorBoard).
+
+  `resume_from` is the iteration of the checkpoint the run starts from (None: from scratch).
+  Rows after it were written by an attempt that died before saving; they are dropped now, so
+  after any sequence of kills and resumes the file equals an uninterrupted run's, row for row.
+  """
+
+  def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True,
+               resume_from: int | None = None):
     self.enabled = enabled
     self.path = os.path.join(run_dir, "metrics.jsonl")
     self._tb = None
     if enabled:
       os.makedirs(run_dir, exist_ok=True)
+      self._keep_rows_upto(-1 if resume_from is None else resume_from)
       if tensorboard:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+        # purge_step: TensorBoard hides the dead attempt's events from this step on.
+        self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=0 if resume_from is None else resume_from + 1)
 
   def write(self, iteration: int, metrics: Mapping[str, float]):
     if not self.enabled:
       return
     row = {"iteration": iteration, **{k: _finite_or_none(float(v)) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
+    with open(self.path, "a") as f:  # one write of a whole line: a kill leaves at most a torn last row
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(k, float(v), iteration)
       self._tb.flush()
 
-  def truncate_after(self, iteration: int):
-    """On resume: drop rows logged after the checkpoint we resume from (they will be redone)."""
-    if not self.enabled or not os.path.exists(self.path):
+  def _keep_rows_upto(self, iteration: int):
+    if not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      rows = [line for line in f if line.strip() and json.loads(line)["iteration"] <= iteration]
-    with open(self.path, "w") as f:
-      f.writelines(rows)
+    rows = [r for r in _read_rows(self.path) if r["iteration"] <= iteration]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:  # replaced atomically: a kill here loses nothing
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, self.path)
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
 
 
+def _read_rows(path: str) -> list[dict]:
+  """Rows of a metrics.jsonl. A torn last row (the process died mid-write) is dropped with a warning;
+  a bad row anywhere else is an error naming the file and line."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = f.read().split("\n")
+  rows = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if all(not rest.strip() for rest in lines[i + 1:]):
+        log.warning("%s:%d: dropping a torn last row (%d bytes; the writer died mid-line)", path, i + 1, len(line))
+        break
+      raise ValueError(f"{path}:{i + 1}: not a JSON row ({e}); metrics.jsonl is damaged") from e
+    if not isinstance(rows[-1], dict) or "iteration" not in rows[-1]:
+      raise ValueError(f"{path}:{i + 1}: a metrics row must be an object with an 'iteration' key")
+  return rows
+
+
 def read_metrics(run_dir: str) -> list[dict]:
   path = os.path.join(run_dir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _read_rows(path)
 
 
 def plot_curves(run_dir: str, out_name: str = "curves.png") -> str | None:

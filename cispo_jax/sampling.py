@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cispo_jax.data.prompts import tokenize_prompts
 from cispo_jax.model import ModelConfig, forward, init_cache, positions_from_mask
 
 _NEG_INF = -1e30  # finite: a fully filtered row stays NaN-free
@@ -282,6 +283,21 @@ def _divisible(sharding, shape) -> bool:
     return False
 
 
+def _check_token_ids(tokens_BxP, vocab_size: int) -> None:
+  """Every prompt id (padding included) must index a row of the embedding: an id outside it
+  reads no row and gives NaN logits and a sampled token 0, silently (transformers raises)."""
+  if isinstance(tokens_BxP, jax.Array):  # multi-host: this process's shards (each row is on some process)
+    parts = [(np.asarray(s.data), " in this process's shard") for s in tokens_BxP.addressable_shards]
+  else:
+    parts = [(np.asarray(tokens_BxP), "")]
+  for part, where in parts:
+    bad = np.argwhere((part < 0) | (part >= vocab_size))
+    if bad.size:
+      raise ValueError(f"prompt row {int(bad[0][0])}{where} holds token id {int(part[tuple(bad[0])])}, outside "
+                       f"the model's vocab_size={vocab_size}: the tokenizer does not match the model "
+                       "(its embedding has no row for this token)")
+
+
 def generate(params, model_cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP, rng,
              cfg: SamplingConfig, *, batch_sharding=None) -> SampleOutput:
   """Sample `cfg.num_samples` completions per prompt; see the module docstring for log-probs.
@@ -304,6 +320,7 @@ def generate(params, model_cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP,
     tokens_BxP, mask_BxP = prompt_tokens_BxP, prompt_mask_BxP
   else:
     tokens_BxP, mask_BxP = left_pad(prompt_tokens_BxP, prompt_mask_BxP, cfg)
+  _check_token_ids(tokens_BxP, model_cfg.vocab_size)
   share_prefill = cfg.num_samples > 1
   if batch_sharding is None:
     tokens_BxP, mask_BxP = jnp.asarray(tokens_BxP), jnp.asarray(mask_BxP)
@@ -328,26 +345,32 @@ def generate(params, model_cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP,
 # ----------------------------------------------------------------------------- text in / out
 
 
-def encode_prompts(tokenizer, texts: Sequence[str], cfg: SamplingConfig, apply_chat_template=False):
-  """Tokenize texts (optionally through the chat template) -> left-padded int32 (tokens, mask)."""
+def encode_prompts(tokenizer, texts: Sequence[str], cfg: SamplingConfig, apply_chat_template=False,
+                   vocab_size: int | None = None):
+  """Tokenize texts (optionally through the chat template) -> left-padded int32 (tokens, mask).
+
+  `vocab_size` (the model's): a token id outside it is refused here, naming the text, rather
+  than read as a missing embedding row (NaN logits). `generate` checks the ids again.
+  """
   if isinstance(texts, str):
     raise ValueError("encode_prompts: texts must be a list of strings, got a single str")
-  if apply_chat_template:
-    if not getattr(tokenizer, "chat_template", None):
-      raise ValueError("apply_chat_template=True but the tokenizer has no chat_template")
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                           add_generation_prompt=True) for t in texts]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-  else:
-    ids = [tokenizer(t)["input_ids"] for t in texts]
-  T = max(max(len(x) for x in ids), 1)
+  texts = list(texts)
+  if not texts:
+    raise ValueError("encode_prompts: no prompts to encode (an empty prompt list; is a split empty?)")
+  ids = tokenize_prompts(tokenizer, texts, apply_chat_template)
+  for i, x in enumerate(ids):
+    if not x:
+      raise ValueError(f"encode_prompts: text {i} ({texts[i]!r:.60}) encodes to zero tokens "
+                       "(does the tokenizer have its vocabulary files?)")
+    if vocab_size is not None and not all(0 <= t < vocab_size for t in x):
+      bad = next(t for t in x if not 0 <= t < vocab_size)
+      raise ValueError(f"encode_prompts: text {i} ({texts[i]!r:.60}) holds token id {bad}, outside the model's "
+                       f"vocab_size={vocab_size}: the tokenizer does not match the model")
+  T = max(len(x) for x in ids)
   tokens_BxT = np.full((len(ids), T), cfg.pad_token_id, np.int32)
   mask_BxT = np.zeros((len(ids), T), np.int32)
   for i, x in enumerate(ids):
-    if x:
-      tokens_BxT[i, T - len(x):], mask_BxT[i, T - len(x):] = x, 1
-  if len(ids) and mask_BxT.sum(axis=1).min() == 0:
-    raise ValueError("encode_prompts: a text encodes to zero tokens")
+    tokens_BxT[i, T - len(x):], mask_BxT[i, T - len(x):] = x, 1
   return left_pad(tokens_BxT, mask_BxT, cfg)
 
 

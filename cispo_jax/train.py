@@ -18,6 +18,8 @@ def _split_distributed_args(argv):
   p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (CPU/GPU multi-process)")
   p.add_argument("--num_processes", type=int, default=None)
   p.add_argument("--process_id", type=int, default=None)
+  p.add_argument("--allow_config_change", action="store_true",
+                 help="resume a run directory with a different config (the change is recorded)")
   return p.parse_known_args(argv)
 
 
@@ -32,18 +34,29 @@ def main(argv=None) -> dict:
   sharding.initialize_distributed(dist.coordinator_address, dist.num_processes, dist.process_id)
 
   from cispo_jax.bootstrap import bootstrap_model
-  from cispo_jax.trainer import Trainer
+  from cispo_jax.trainer import EXIT_PREEMPTED, Trainer
   rl = configs["RLConfig"]
   if not rl.model_dir:
+    import jax
+    if jax.process_count() > 1:  # process 0 builds it (on a shared disk); the others then reuse it
+      from jax.experimental import multihost_utils
+      if jax.process_index() == 0:
+        bootstrap_model(configs["TaskConfig"], configs["BootstrapConfig"])
+      multihost_utils.sync_global_devices("cispo_jax bootstrap")
     path = bootstrap_model(configs["TaskConfig"], configs["BootstrapConfig"])
     rl = dataclasses.replace(rl, model_dir=path)
     configs["operative"] += f"# bootstrap model: RLConfig.model_dir = {path!r}\n"
   trainer = Trainer(rl, configs["LossConfig"], configs["OptimConfig"], configs["MeshConfig"],
-                    configs["TaskConfig"], operative_config=configs["operative"])
+                    configs["TaskConfig"], operative_config=configs["operative"],
+                    allow_config_change=dist.allow_config_change)
   try:
     summary = trainer.run()
   finally:
     trainer.close()
+  if "preempted" in summary:
+    logging.getLogger("cispo_jax.train").warning(
+        "exiting with status %d (preempted); resume with the same command", EXIT_PREEMPTED)
+    sys.exit(EXIT_PREEMPTED)
   if sharding.is_main_process():
     loss = configs["LossConfig"]
     print("\n=== cispo_jax summary ===")

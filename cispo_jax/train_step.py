@@ -4,6 +4,13 @@
 unreduced sums and denominators over micro-batches (lax.scan) and divides once, so splitting a
 minibatch never changes the gradient. `update_on_rollout` runs num_iterations epochs of
 minibatches over one rollout batch inside a single jitted program.
+
+Non-finite steps: when the loss or the gradient (through its global norm) is inf or NaN, the step
+is skipped: params, opt_state and step come back bitwise unchanged (so the LR schedule and Adam's
+bias correction do not advance either) and the step's metric `skipped_nonfinite` is 1. The check
+lives here rather than in optax.apply_if_finite, which would add counters to the optimizer state
+(a new checkpoint layout and sharding rules), looks at the gradient only, and after
+max_consecutive_errors skips applies the non-finite update anyway.
 """
 
 from __future__ import annotations
@@ -92,7 +99,11 @@ def split_micro(batch, micro: int, group: int):
 
 
 def train_step(state: TrainState, mb: RolloutBatch, *, cfg: StepConfig, tx, schedule):
-  """One optimizer step on one minibatch (accumulating over cfg.micro_batches)."""
+  """One optimizer step on one minibatch (accumulating over cfg.micro_batches).
+
+  Skipped, with the state returned unchanged, when the loss or the gradient is not finite (see
+  the module docstring); metrics["skipped_nonfinite"] (int32) is 1 then, else 0.
+  """
   micro = split_micro(mb, cfg.micro_batches, cfg.num_generations)
 
   def body(carry, micro_batch):
@@ -105,12 +116,25 @@ def train_step(state: TrainState, mb: RolloutBatch, *, cfg: StepConfig, tx, sche
   (grad_sum, denom), (loss_sums, metrics) = jax.lax.scan(body, (zeros, jnp.float32(0.0)), micro)
   denom = jnp.maximum(denom, 1e-8)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  loss = loss_sums.sum() / denom
+  grad_norm = optax.tree.norm(grads)
+  # One scalar test: the norm is inf/NaN when any gradient entry is, and also when finite
+  # entries' squares overflow (a norm the clipping would turn into a zero or NaN update).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def apply(state):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+  # lax.cond, not a jnp.where over the state tree: XLA:CPU materialised the whole new state
+  # (params + Adam moments) beside the old one for the select, doubling the optimizer's share
+  # of temp memory; the conditional updates the donated buffers in place (no more temp than
+  # the unguarded step: measured with sharding.compiled_memory("train_step", ...)).
+  new_state = jax.lax.cond(finite, apply, lambda state: state, state)
   metrics = jax.tree.map(jnp.mean, metrics)
-  metrics.update(loss=loss_sums.sum() / denom, grad_norm=optax.tree.norm(grads),
-                 learning_rate=schedule(state.step))
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                 skipped_nonfinite=jnp.logical_not(finite).astype(jnp.int32))
   return new_state, metrics
 
 
@@ -118,7 +142,9 @@ def update_on_rollout(state: TrainState, batch: RolloutBatch, *, cfg: StepConfig
                       num_iterations: int, num_minibatches: int):
   """num_iterations passes over the rollout, each in num_minibatches shuffled (by group) minibatches.
 
-  Returns the new state and per-step metrics stacked [num_iterations * num_minibatches].
+  Returns the new state and per-step metrics stacked [num_iterations * num_minibatches];
+  metrics["skipped_nonfinite"] marks the steps skipped for a non-finite loss or gradient (sum it,
+  don't average it, to count them).
   """
   B = batch.tokens_BxL.shape[0]
   n_groups = B // cfg.num_generations

@@ -12,6 +12,8 @@ import functools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -22,7 +24,7 @@ from jax.experimental import multihost_utils
 from cispo_jax import advantages as adv_lib
 from cispo_jax import data as data_lib
 from cispo_jax import losses, sampling, sharding
-from cispo_jax.checkpoint import Checkpointer, abstract_like
+from cispo_jax.checkpoint import Checkpointer, NonFiniteState, abstract_like
 from cispo_jax.metrics import MetricWriter, plot_curves
 from cispo_jax.model import hf_io, logical_axes, param_shapes
 from cispo_jax.optim import OptimConfig, make_optimizer
@@ -69,11 +71,12 @@ class RLConfig:
   attention_impl: str = "auto"  # auto | dense | blockwise | cudnn | splash (model/attention.py)
   attention_block: int = 512
   logprob_chunk: int = 1024  # completion positions per LM-head chunk of the training log-probs
+  max_nonfinite_skips: int = 10  # consecutive optimizer steps skipped for a NaN/inf loss or gradient before the run stops
 
   def __post_init__(self):
     positive = ("total_steps", "prompts_per_step", "num_generations", "num_iterations",
                 "num_minibatches", "micro_batches", "max_new_tokens", "eval_every", "save_every",
-                "eval_size", "keep_checkpoints")
+                "eval_size", "keep_checkpoints", "max_nonfinite_skips")
     for name in positive:
       if getattr(self, name) < 1:
         raise ValueError(f"RLConfig.{name}={getattr(self, name)}; must be >= 1")
@@ -119,16 +122,21 @@ def batched_completion_logps(params, tokens_BxL, kv_valid_BxL, *, model_cfg, n_c
   return jax.lax.map(one, chunks).swapaxes(0, 1).reshape(B, n_completion)
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; rerun the same command to resume
+
+
 class Trainer:
   def __init__(self, rl: RLConfig, loss: losses.LossConfig, optim: OptimConfig,
                mesh_cfg: sharding.MeshConfig, task: TaskConfig, operative_config: str = "",
-               devices=None):
+               devices=None, allow_config_change: bool = False):
     self.rl, self.loss_cfg, self.task = rl, run_loss_config(loss, rl), task
     self.main = sharding.is_main_process()
     os.makedirs(rl.run_dir, exist_ok=True)
-    if self.main and operative_config:
-      with open(os.path.join(rl.run_dir, "operative_config.gin"), "w") as f:
-        f.write(operative_config)
+    self.ckpt = Checkpointer(os.path.join(rl.run_dir, "checkpoints"), rl.save_every, rl.keep_checkpoints)
+    resuming = self.ckpt.latest() is not None
+    if operative_config:  # before anything is built: a refused config change costs nothing
+      record_operative_config(rl.run_dir, operative_config, resuming=resuming, allow_change=allow_config_change,
+                              iteration=self.ckpt.latest(), write=self.main)
 
     # --- mesh and model -------------------------------------------------------------------
     self.mesh = sharding.make_mesh(mesh_cfg, devices)
@@ -162,6 +170,11 @@ class Trainer:
       raise ValueError(f"RLConfig.prompts_per_step={rl.prompts_per_step} must be divisible by the "
                        f"process count {nproc}")
     train_src, eval_examples = make_sources(task, seed=rl.seed)
+    # Every prompt checked before anything compiles: too long for the buckets or the model, or token ids
+    # outside the model's vocabulary (TaskConfig.too_long: drop and count, or refuse naming file:line).
+    train_src, eval_examples = task.check_sources(
+        train_src, eval_examples, self.tokenizer, self.model_cfg, max_new_tokens=rl.max_new_tokens,
+        prompt_buckets=rl.prompt_buckets, apply_chat_template=rl.apply_chat_template)
     per = min(rl.eval_size, len(eval_examples)) // nproc
     self.eval_examples = eval_examples[proc * per:(proc + 1) * per]  # this process's share
     self.stream = data_lib.PromptStream(train_src, rl.prompts_per_step, seed=rl.seed).shard(proc, nproc)
@@ -181,19 +194,26 @@ class Trainer:
         in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
 
-    # --- checkpoints, logs, resume -----------------------------------------------------------
-    self.ckpt = Checkpointer(os.path.join(rl.run_dir, "checkpoints"), rl.save_every, rl.keep_checkpoints)
-    self.writer = MetricWriter(rl.run_dir, enabled=self.main)
+    # --- resume, logs -------------------------------------------------------------------------
     self.iteration, self.eval_start = 0, None
     self.reward_events = {"errors": 0, "timeouts": 0}
-    latest = self.ckpt.latest()
-    if latest is not None:
-      self.state, host = self.ckpt.restore(latest, abstract_like(self.state))
+    self.nonfinite_skips = {"total": 0, "consecutive": 0}
+    restored = self.ckpt.restore_latest_good(abstract_like(self.state))  # verified; bad ones moved aside
+    if restored is not None:
+      _, self.state, host = restored
       self.iteration = host["iteration"]
       self.stream.restore(host["data"])
       self.reward_events, self.eval_start = host["reward_events"], host["eval_start"]
-      self.writer.truncate_after(self.iteration)
+      self.nonfinite_skips = host.get("nonfinite_skips", self.nonfinite_skips)
       log.info("resumed from %s at iteration %d", self.ckpt.directory, self.iteration)
+    # Rows after the checkpoint (or all, when there is none) came from a dead attempt: dropped.
+    self.writer = MetricWriter(rl.run_dir, enabled=self.main,
+                               resume_from=self.iteration if restored is not None else None)
+    self._stop_signal: str | None = None
+    self._handlers: dict = {}
+    if threading.current_thread() is threading.main_thread():
+      # A preemptible VM's SIGTERM, or Ctrl-C: finish the iteration, save, exit (handlers undone by close()).
+      self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
   # --- one iteration -----------------------------------------------------------------------
   def _global(self, x: np.ndarray) -> jax.Array:
@@ -283,15 +303,38 @@ class Trainer:
     if any_signal:
       with jax.set_mesh(self.mesh):
         self.state, step_metrics = self._update(self.state, batch)
-      reduce = {"ratio_max": np.max, "ratio_min": np.min}  # over the iteration's optimizer steps
-      metrics.update({f"train/{k}": float(reduce.get(k, np.mean)(_to_host(v))) for k, v in step_metrics.items()})
+      step_metrics = {k: _to_host(v) for k, v in step_metrics.items()}  # one entry per optimizer step
+      self._count_nonfinite(step_metrics.get("skipped_nonfinite"))
+      reduce = {"ratio_max": np.max, "ratio_min": np.min, "skipped_nonfinite": np.sum}
+      metrics.update({f"train/{k}": float(reduce.get(k, np.mean)(v)) for k, v in step_metrics.items()})
     metrics["train/skipped_no_signal"] = float(not any_signal)
+    metrics["train/nonfinite_skips_total"] = self.nonfinite_skips["total"]
     t2 = time.perf_counter()
     metrics["time/update_s"] = t2 - t1
     metrics["time/iteration_s"] = t2 - t0
     metrics["tokens/per_s"] = metrics["tokens/generated"] / max(t2 - t0, 1e-9)
     self.iteration += 1
     return metrics
+
+  def _count_nonfinite(self, skipped_S):
+    """Optimizer steps skipped for a non-finite loss or gradient; too many in a row stop the run."""
+    if skipped_S is None:
+      return
+    skipped_S = np.asarray(skipped_S, bool).reshape(-1)
+    self.nonfinite_skips["total"] += int(skipped_S.sum())
+    if skipped_S.all():
+      self.nonfinite_skips["consecutive"] += len(skipped_S)
+    else:  # the skips at the end of this update (after its last good step)
+      self.nonfinite_skips["consecutive"] = len(skipped_S) - 1 - int(np.flatnonzero(~skipped_S)[-1])
+    if skipped_S.any():
+      log.warning("iteration %d: %d of %d optimizer steps skipped (non-finite loss or gradient)",
+                  self.iteration, int(skipped_S.sum()), len(skipped_S))
+    if self.nonfinite_skips["consecutive"] > self.rl.max_nonfinite_skips:
+      raise NonFiniteTraining(
+          f"{self.nonfinite_skips['consecutive']} optimizer steps in a row had a non-finite loss or gradient "
+          f"(RLConfig.max_nonfinite_skips={self.rl.max_nonfinite_skips}); stopping at iteration {self.iteration}. "
+          f"The newest checkpoint ({self.ckpt.latest()}) holds the last finite state; lower the learning "
+          f"rate or check the rewards (metrics.jsonl: train/skipped_nonfinite).")
 
   # --- eval --------------------------------------------------------------------------------
   def evaluate(self) -> float:
@@ -306,7 +349,23 @@ class Trainer:
   # --- the run -----------------------------------------------------------------------------
   def _host_state(self) -> dict:
     return {"iteration": self.iteration, "data": self.stream.state(), "reward_events": self.reward_events,
-            "eval_start": self.eval_start}
+            "eval_start": self.eval_start, "nonfinite_skips": dict(self.nonfinite_skips)}
+
+  def _on_signal(self, signum, frame):
+    name = signal.Signals(signum).name
+    if self._stop_signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+      raise KeyboardInterrupt
+    self._stop_signal = name
+    log.warning("%s received: finishing iteration %d, then saving a checkpoint and exiting", name,
+                self.iteration + 1)
+
+  def _should_stop(self) -> bool:
+    """Whether any process got SIGTERM/SIGINT. A signal reaches one host first; all must stop at the same
+    iteration, so the flag is shared (one tiny collective per iteration, only with several processes)."""
+    mine = self._stop_signal is not None
+    if jax.process_count() == 1:
+      return mine
+    return bool(_allgather_host(np.array([mine])).any())
 
   def run(self, stop_after: int | None = None) -> dict:
     """Run to total_steps (or stop after `stop_after` more iterations, as tests interrupt). Returns a summary."""
@@ -315,8 +374,11 @@ class Trainer:
       self.eval_start = self.evaluate()
       self.writer.write(self.iteration, {"eval/pass_at_1": self.eval_start})
     bar = _progress(rl.total_steps, self.iteration, enabled=self.main)
-    t_start, done, last_eval = time.perf_counter(), 0, None
+    t_start, done, last_eval, stopped_by = time.perf_counter(), 0, None, None
     while self.iteration < rl.total_steps and (stop_after is None or done < stop_after):
+      if self._should_stop():  # checked before each iteration, so a signal during the last one still finishes
+        stopped_by = self._stop_signal or "a signal to another process"
+        break
       metrics = self.step()
       done += 1
       if self.iteration % rl.eval_every == 0 or self.iteration == rl.total_steps:
@@ -328,26 +390,82 @@ class Trainer:
                       eval_pass1=f"{self.eval_start if last_eval is None else last_eval:.3f}")
     bar.close()
     finished = self.iteration >= rl.total_steps
-    self.ckpt.maybe_save(self.iteration, self.state, self._host_state(), force=True)  # the last one; no-op if saved
+    self.ckpt.maybe_save(self.iteration, self.state, self._host_state(), force=True)  # no-op if saved
     self.ckpt.wait()
     summary = {"eval_start": self.eval_start, "iterations": self.iteration,
-               "seconds": time.perf_counter() - t_start, "reward_events": dict(self.reward_events)}
+               "seconds": time.perf_counter() - t_start, "reward_events": dict(self.reward_events),
+               "nonfinite_skips": self.nonfinite_skips["total"]}
+    if stopped_by is not None and not finished:
+      summary["preempted"] = stopped_by
+      log.warning("stopped by %s after iteration %d; checkpoint %d saved in %s. Rerun the same command to "
+                  "resume.", summary["preempted"], self.iteration, self.iteration, self.ckpt.directory)
+      return summary
     if finished:
       summary["eval_end"] = last_eval if last_eval is not None else self.evaluate()
+      if rl.export_final:  # every process takes part (each tensor is gathered); process 0 writes
+        export = os.path.join(rl.run_dir, "final_model")
+        hf_io.save_model(export, self.model_cfg, self.state.params, self.tokenizer, to_host=_to_host,
+                         write=self.main)
+        summary["final_model"] = export
     if self.main and finished:
       summary["plot"] = plot_curves(rl.run_dir)
-      if rl.export_final:
-        export = os.path.join(rl.run_dir, "final_model")
-        hf_io.save_model(export, self.model_cfg, jax.tree.map(_to_host, self.state.params), self.tokenizer)
-        summary["final_model"] = export
       with open(os.path.join(rl.run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
 
   def close(self):
+    for sig, old in self._handlers.items():
+      signal.signal(sig, old)
+    self._handlers = {}
     self.ckpt.close()
     self.writer.close()
     self.scorer.close()
+
+
+class NonFiniteTraining(RuntimeError):
+  """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def record_operative_config(run_dir: str, operative: str, *, resuming: bool, allow_change: bool,
+                            iteration: int | None, write: bool = True):
+  """Write operative_config.gin; on resume, first compare it with the one the run was started with.
+
+  A changed binding is refused (every differing key named) unless allow_change; then the old file is
+  kept as operative_config.before_<iteration>.gin and config_changes.jsonl records what changed when.
+  RLConfig.run_dir is not compared (a run directory may be moved).
+  """
+  path = os.path.join(run_dir, "operative_config.gin")
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      old_text = f.read()
+    old, new = _bindings(old_text), _bindings(operative)
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k) and k != "RLConfig.run_dir"}
+    if changed and not allow_change:
+      lines = "\n".join(f"  {k}: {a if a is not None else '(absent)'} -> {b if b is not None else '(absent)'}"
+                        for k, (a, b) in changed.items())
+      raise ValueError(
+          f"{run_dir} holds a run started with another config; resuming it with this one would change "
+          f"{len(changed)} binding(s):\n{lines}\nUse the original settings, a new run_dir, or pass "
+          f"--allow_config_change to continue with the change recorded.")
+    if changed and write:
+      os.replace(path, os.path.join(run_dir, f"operative_config.before_{iteration}.gin"))
+      with open(os.path.join(run_dir, "config_changes.jsonl"), "a") as f:
+        f.write(json.dumps({"iteration": iteration, "changed": {k: list(v) for k, v in changed.items()}}) + "\n")
+      log.warning("config changed at iteration %s (allowed): %s", iteration, ", ".join(changed))
+  if write:
+    with open(path, "w") as f:
+      f.write(operative)
+
+
+def _bindings(text: str) -> dict[str, str]:
+  """'Config.field = value' lines of an operative config (comments and blank lines ignored)."""
+  out = {}
+  for line in text.splitlines():
+    if line.strip() and not line.lstrip().startswith("#") and " = " in line:
+      key, _, value = line.partition(" = ")
+      out[key.strip()] = value.strip()
+  return out
 
 
 def _to_host(x) -> np.ndarray:

@@ -10,12 +10,15 @@ class Example:
 
   `meta` carries task details a verifier may need (countdown numbers, a reference
   solution); it should stay JSON-serialisable so examples travel to the reward worker
-  and into logs unchanged.
+  and into logs unchanged. `origin` says where the example came from ("file.jsonl:12")
+  so a check that rejects it can name the line; "" for generated examples. It takes no
+  part in equality: the same prompt and answer are the same example wherever they come from.
   """
 
   prompt: str
   answer: str
   meta: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+  origin: str = dataclasses.field(default="", compare=False)
 
 
 def reference_completion(example: Example) -> str:

@@ -8,21 +8,31 @@ import os
 from cispo_jax.data.example import Example
 
 
+def _decode(raw: bytes, where: str, first: bool) -> str:
+  try:
+    return raw.decode("utf-8-sig" if first else "utf-8")  # a BOM may open the file
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}: "
+                     f"{e.reason}); JSONL files must be UTF-8 text") from None
+
+
 def load_jsonl(path: str | os.PathLike, prompt_key: str = "prompt",
                answer_key: str = "answer") -> list[Example]:
   """Reads every non-blank line as an Example; other fields of the object go to meta.
 
   The answer may be a JSON string or number (numbers become their text). Any bad line
-  fails the whole load with ValueError naming file:line, so a typo in a dataset is found
-  before training rather than turning into silent zero rewards.
+  (bad UTF-8, bad JSON, a missing or mistyped key) fails the whole load with ValueError
+  naming file:line, so a typo in a dataset is found before training rather than turning
+  into silent zero rewards. Each example's `origin` is its "file:line".
   """
   path = os.fspath(path)
   examples = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  with open(path, "rb") as f:  # bytes: a decoding error can then name its line
+    for lineno, raw in enumerate(f, start=1):
+      where = f"{path}:{lineno}"
+      line = _decode(raw, where, lineno == 1)
       if not line.strip():
         continue
-      where = f"{path}:{lineno}"
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
@@ -38,7 +48,7 @@ def load_jsonl(path: str | os.PathLike, prompt_key: str = "prompt",
         raise ValueError(f"{where}: key {prompt_key!r} must be a non-empty string, got {prompt!r:.60}")
       if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         raise ValueError(f"{where}: key {answer_key!r} must be a string or a number, got {answer!r:.60}")
-      examples.append(Example(prompt, str(answer), record))
+      examples.append(Example(prompt, str(answer), record, origin=where))
   if not examples:
     raise ValueError(f"{path}: no examples (the file is empty or blank)")
   return examples

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import logging
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -31,12 +32,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cispo_jax.model.config import ModelConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+# A config.json without `architectures` is read by its model_type, as transformers' Auto classes do.
+MODEL_TYPES = {family: arch for arch, family in ARCHITECTURES.items()}
 # How to run a checkpoint (ModelConfig fields that config.json does not hold; RLConfig sets them).
 RUN_OVERRIDES = ("dtype", "param_dtype", "lm_head_f32", "remat", "remat_policy", "scan_unroll",
                  "attention_impl", "attention_block", "logprob_chunk")
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _INDEX = "model.safetensors.index.json"
+# Files that hold a tokenizer's vocabulary (without one, transformers builds an empty tokenizer).
+_TOKENIZER_VOCAB = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "*.tiktoken")
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- config
@@ -45,8 +51,16 @@ _INDEX = "model.safetensors.index.json"
 def _read_json(path: str) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found (a Hugging Face model directory needs config.json)")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      raw = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start}: {e.reason})") from None
+  if not isinstance(raw, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+  return raw
 
 
 def _rope_from_hf(raw: dict[str, Any], path: str) -> tuple[float, tuple | None]:
@@ -91,8 +105,14 @@ def config_from_hf_dict(raw: dict[str, Any], path: str = "config.json", **run_ov
   if bad:
     raise ValueError(f"unknown run override(s) {bad}; allowed: {list(RUN_OVERRIDES)}")
   archs = raw.get("architectures") or []
+  if not archs:  # transformers' AutoModelForCausalLM goes by model_type alone
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_TYPES:
+      raise ValueError(f"{path}: no 'architectures' and model_type={model_type!r} is not supported; allowed: "
+                       f"architectures {sorted(ARCHITECTURES)} or model_type {sorted(MODEL_TYPES)}")
+    archs = [MODEL_TYPES[model_type]]
   known = [a for a in archs if a in ARCHITECTURES]
-  if len(archs) != 1 or not known:
+  if isinstance(archs, str) or len(archs) != 1 or not known:
     raise ValueError(f"{path}: architectures={archs!r} is not supported; allowed: {sorted(ARCHITECTURES)}")
   arch = known[0]
   family = ARCHITECTURES[arch]
@@ -107,38 +127,59 @@ def config_from_hf_dict(raw: dict[str, Any], path: str = "config.json", **run_ov
     vocab, inter = int(raw["vocab_size"]), int(raw["intermediate_size"])
   except KeyError as e:
     raise ValueError(f"{path}: missing required field {e.args[0]!r}") from None
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: a size field is not an integer ({e})") from None
   _check_no_sliding_window(raw, path, num_layers)
   theta, scaling = _rope_from_hf(raw, path)
   # transformers' Qwen3Config defaults head_dim to 128; the others derive it.
   head_dim = raw.get("head_dim") or (128 if family == "qwen3" else hidden // num_heads)
   attention_bias = bool(raw.get("attention_bias", False))
-  return ModelConfig(
-      vocab_size=vocab,
-      hidden_size=hidden,
-      intermediate_size=inter,
-      num_layers=num_layers,
-      num_heads=num_heads,
-      num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
-      head_dim=int(head_dim),
-      rope_theta=theta,
-      rope_scaling=scaling,
-      rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-      tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-      qkv_bias=True if family == "qwen2" else attention_bias,
-      o_bias=False if family == "qwen2" else attention_bias,
-      qk_norm=family == "qwen3",
-      max_position_embeddings=int(raw.get("max_position_embeddings",
-                                          2048 if family == "llama" else 32768)),
-      architecture=arch,
-      **run_overrides)
+  try:  # a field of the wrong type, or a value ModelConfig refuses: name the file
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+        head_dim=int(head_dim),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=True if family == "qwen2" else attention_bias,
+        o_bias=False if family == "qwen2" else attention_bias,
+        qk_norm=family == "qwen3",
+        max_position_embeddings=int(raw.get("max_position_embeddings",
+                                            2048 if family == "llama" else 32768)),
+        architecture=arch,
+        **run_overrides)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: {e}") from None
 
 
 def load_config(path: str, **run_overrides) -> ModelConfig:
-  """ModelConfig of the HF directory `path`; run_overrides: any of RUN_OVERRIDES."""
+  """ModelConfig of the HF directory `path`; run_overrides: any of RUN_OVERRIDES.
+
+  Like transformers (5.x): a config with tie_word_embeddings=true whose weights hold an
+  lm_head.weight different from the embedding is untied (the file's head is used), with a warning.
+  """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is not a directory (expected a local Hugging Face model directory)")
   cfg_path = os.path.join(path, "config.json")
-  return config_from_hf_dict(_read_json(cfg_path), cfg_path, **run_overrides)
+  cfg = config_from_hf_dict(_read_json(cfg_path), cfg_path, **run_overrides)
+  if cfg.tie_word_embeddings:
+    try:
+      files = _weight_files(path)
+    except (FileNotFoundError, ValueError):
+      return cfg  # no readable weights: load_params says why
+    head = _distinct_lm_head(files)
+    if head is not None:
+      log.warning("%s sets tie_word_embeddings=true, but %s holds its own lm_head.weight, different "
+                  "from model.embed_tokens.weight; using the file's lm_head (untied), as transformers does. "
+                  "Set tie_word_embeddings=false in config.json to silence this.", cfg_path, head)
+      cfg = cfg.replace(tie_word_embeddings=False)
+  return cfg
 
 
 def config_to_hf_dict(cfg: ModelConfig, tokenizer=None) -> dict[str, Any]:
@@ -265,6 +306,53 @@ def _weight_files(path: str) -> list[str]:
   raise FileNotFoundError(f"no *.safetensors weights in {path}")
 
 
+def _open_safetensors(file: str):
+  from safetensors import SafetensorError, safe_open
+
+  try:
+    return safe_open(file, framework="numpy")
+  except (SafetensorError, OSError) as e:
+    raise ValueError(f"{file}: not a readable safetensors file ({e}); is it truncated or corrupt "
+                     "(an interrupted download or copy)?") from None
+
+
+def _read_tensor(f, file: str, name: str, rows: slice | None = None) -> np.ndarray:
+  from safetensors import SafetensorError
+
+  try:
+    return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+  except (SafetensorError, OSError) as e:
+    raise ValueError(f"{file}: tensor {name!r} cannot be read ({e}); is the file truncated or corrupt?") from None
+
+
+def _distinct_lm_head(files: list[str]) -> str | None:
+  """The file holding an lm_head.weight that differs from model.embed_tokens.weight, else None.
+
+  Compared block by block of rows, so the check never holds a whole [V, E] matrix.
+  """
+  where: dict[str, str] = {}
+  for file in files:
+    with _open_safetensors(file) as f:
+      for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        if name in f.keys():
+          where[name] = file
+  if len(where) < 2:
+    return None
+  head_file, embed_file = where["lm_head.weight"], where["model.embed_tokens.weight"]
+  with _open_safetensors(head_file) as h, _open_safetensors(embed_file) as e:
+    shape = tuple(h.get_slice("lm_head.weight").get_shape())
+    if shape != tuple(e.get_slice("model.embed_tokens.weight").get_shape()):
+      return head_file
+    rows = max(1, (1 << 24) // max(1, int(np.prod(shape[1:]))))  # 16M elements a block
+    for start in range(0, shape[0] if shape else 0, rows):
+      block = slice(start, min(start + rows, shape[0]))
+      a = _read_tensor(h, head_file, "lm_head.weight", block)
+      b = _read_tensor(e, embed_file, "model.embed_tokens.weight", block)
+      if a.dtype != b.dtype or not np.array_equal(a, b):
+        return head_file
+  return None
+
+
 def _get(tree, keys):
   for k in keys:
     tree = tree[k]
@@ -309,15 +397,20 @@ def load_params(path: str, cfg: ModelConfig, shardings=None):
   into its slice of the stacked [L, ...] device array (allocated, sharded, at its first
   slice) by a donating update, so a load still never holds two copies of the model.
   """
-  from safetensors import safe_open
-
   layout = _layout(cfg)
   np_dtype = _NP_DTYPES[cfg.param_dtype]
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params: dict = {}
   seen: set[str] = set()
-  for file in _weight_files(path):
-    with safe_open(file, framework="numpy") as f:
+  files = _weight_files(path)
+  if cfg.tie_word_embeddings:
+    head = _distinct_lm_head(files)
+    if head is not None:  # the tied cfg would silently drop the file's head
+      raise ValueError(f"{head}: holds an lm_head.weight different from model.embed_tokens.weight, but the "
+                       "config has tie_word_embeddings=True; take the config from load_config (which unties it, "
+                       "as transformers does) or set tie_word_embeddings=false")
+  for file in files:
+    with _open_safetensors(file) as f:
       for name in f.keys():
         if name not in layout:
           if _ignored(name, cfg):
@@ -328,7 +421,7 @@ def load_params(path: str, cfg: ModelConfig, shardings=None):
         got = tuple(f.get_slice(name).get_shape())
         if got != spec.hf_shape:
           raise ValueError(f"{file}: tensor {name!r} has shape {got}, expected {spec.hf_shape} from config.json")
-        x = np.ascontiguousarray(spec.to_ours(f.get_tensor(name)).astype(np_dtype))
+        x = np.ascontiguousarray(spec.to_ours(_read_tensor(f, file, name)).astype(np_dtype))
         sharding = default if shardings is None else _get(shardings, spec.ours)
         if spec.layer is None:
           _set(params, spec.ours, jax.device_put(x, sharding))
@@ -347,13 +440,92 @@ def load_params(path: str, cfg: ModelConfig, shardings=None):
   return params
 
 
-def load_tokenizer(path: str):
-  """The directory's tokenizer via AutoTokenizer: local files only, never remote code."""
+def _check_tokenizer_files(path: str) -> None:
+  """Without a vocabulary file, AutoTokenizer quietly builds a tokenizer that encodes every text
+  to zero tokens; name what is missing instead."""
+  found = {p for pat in _TOKENIZER_VOCAB for p in glob.glob(os.path.join(path, pat))}
+  if os.path.join(path, "vocab.json") in found and not os.path.isfile(os.path.join(path, "merges.txt")) \
+      and os.path.join(path, "tokenizer.json") not in found:
+    raise FileNotFoundError(f"{path}: tokenizer file merges.txt is missing (vocab.json is there, and a BPE "
+                            "tokenizer needs both, or a tokenizer.json)")
+  if not found:
+    present = sorted(os.listdir(path))
+    raise FileNotFoundError(
+        f"{path}: no tokenizer vocabulary file: none of tokenizer.json, tokenizer.model, vocab.json + merges.txt, "
+        f"vocab.txt, spiece.model, *.tiktoken is there (files present: {present}); copy the checkpoint's "
+        "tokenizer files into this directory")
+
+
+def _sets_token(path: str, key: str) -> bool:
+  """Whether the directory's tokenizer files themselves name the special token `key` (e.g. eos_token)."""
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    try:
+      if _read_json(os.path.join(path, name)).get(key):
+        return True
+    except (FileNotFoundError, ValueError):
+      pass
+  return False
+
+
+def load_tokenizer(path: str, vocab_size: int | None = None):
+  """The directory's tokenizer via AutoTokenizer: local files only, never remote code.
+
+  Checked here, so a bad directory fails at load naming its cause: a vocabulary file must
+  exist; the tokenizer must have an eos token (the sampler's stop token) whose id, like the
+  pad and bos ids, is below the model's `vocab_size` (default: config.json's, when there is
+  one). A tokenizer without a pad token (or whose pad is a default transformers filled in that
+  the vocabulary lacks) gets eos as its pad, logged: padded positions are masked, only the id
+  must be valid. More tokens than vocab_size is only a warning: a prompt that holds such a
+  token is refused when it is encoded (data.check_prompts, sampling.encode_prompts / generate).
+  """
   from transformers import AutoTokenizer
 
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is not a directory")
-  return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+  _check_tokenizer_files(path)
+  try:
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+  except Exception as e:  # noqa: BLE001 -- re-raised with the directory named
+    raise ValueError(f"{path}: transformers cannot load the tokenizer ({type(e).__name__}: {e})") from e
+  if tok.eos_token_id is None:
+    raise ValueError(f"{path}: the tokenizer has no eos_token (neither tokenizer_config.json nor "
+                     "special_tokens_map.json sets one); the sampler stops on it: set \"eos_token\" in "
+                     f"{os.path.join(path, 'tokenizer_config.json')} to the model's end-of-text token")
+  if vocab_size is None and os.path.isfile(os.path.join(path, "config.json")):
+    vocab_size = _read_json(os.path.join(path, "config.json")).get("vocab_size")
+    vocab_size = vocab_size if isinstance(vocab_size, int) else None  # a bad one: load_config says so
+  if vocab_size is not None:
+    if tok.eos_token_id >= vocab_size:
+      default = ("" if _sets_token(path, "eos_token") else
+                 f"; the tokenizer files set no eos_token, so transformers filled in the default of "
+                 f"{type(tok).__name__}, which the vocabulary lacks")
+      raise ValueError(f"{path}: the tokenizer has no eos token in the model's vocabulary: eos_token "
+                       f"{tok.eos_token!r} has id {tok.eos_token_id} >= vocab_size={vocab_size} (config.json)"
+                       f"{default}. Set \"eos_token\" in tokenizer_config.json to the model's end-of-text token")
+  pad_id = tok.pad_token_id
+  if pad_id is None or (vocab_size is not None and pad_id >= vocab_size and not _sets_token(path, "pad_token")):
+    why = ("has no pad_token" if pad_id is None else
+           f"files set no pad_token, and transformers' default {tok.pad_token!r} of {type(tok).__name__} is not in "
+           f"the model's vocabulary (id {pad_id} >= vocab_size={vocab_size})")
+    log.warning("%s: the tokenizer %s; using its eos_token %r (id %d) as pad (padded positions are masked out)",
+                path, why, tok.eos_token, tok.eos_token_id)
+    tok.pad_token = tok.eos_token
+  if vocab_size is not None:
+    if tok.pad_token_id >= vocab_size:
+      raise ValueError(f"{path}: the tokenizer's pad_token {tok.pad_token!r} has id {tok.pad_token_id} >= the "
+                       f"model's vocab_size={vocab_size} (config.json): the tokenizer does not match the model. "
+                       "Set \"pad_token\" in tokenizer_config.json to a token of the vocabulary")
+    bos = tok.bos_token_id
+    if bos is not None and bos >= vocab_size and bos in tok("a")["input_ids"]:  # only if prompts get it
+      raise ValueError(f"{path}: the tokenizer starts every text with bos_token {tok.bos_token!r}, id {bos} >= "
+                       f"the model's vocab_size={vocab_size} (config.json): the tokenizer does not match the "
+                       "model. Set \"bos_token\" in tokenizer_config.json to a token of the vocabulary")
+    if len(tok) > vocab_size:
+      extra = tok.convert_ids_to_tokens(list(range(vocab_size, min(len(tok), vocab_size + 5))))
+      log.warning("%s: the tokenizer has %d tokens but the model's vocab_size is %d: ids >= %d (%s%s) have no "
+                  "embedding row; a prompt that holds one is refused when it is encoded", path, len(tok),
+                  vocab_size, vocab_size, extra, " ..." if len(tok) > vocab_size + 5 else "")
+  return tok
 
 
 def load_model(path: str, **run_overrides):
@@ -364,22 +536,27 @@ def load_model(path: str, **run_overrides):
 
 
 
-def save_model(path: str, cfg: ModelConfig, params, tokenizer=None, max_shard_bytes: int | None = None) -> str:
+def save_model(path: str, cfg: ModelConfig, params, tokenizer=None, max_shard_bytes: int | None = None,
+               to_host=None, write: bool = True) -> str:
   """Write config.json + safetensors (sharded with an index above max_shard_bytes) + tokenizer.
 
   Tensors keep the dtype of `params` (a bf16 policy is saved as bf16). Returns `path`.
+  Multi-process: every process calls this with `to_host` a gathering fetch (each tensor is a
+  collective, one at a time, so no host ever holds the whole model) and only one with write=True.
   """
   from safetensors.numpy import save_file
 
-  os.makedirs(path, exist_ok=True)
-  # Leftover weights of an earlier save would be picked up by the loader's *.safetensors glob.
-  for pattern in ("model.safetensors", "model-*-of-*.safetensors", _INDEX):
-    for old in glob.glob(os.path.join(path, pattern)):
-      os.remove(old)
-  raw = config_to_hf_dict(cfg, tokenizer)
-  raw["torch_dtype"] = np.dtype(params["embed"].dtype).name  # what is on disk, whatever cfg says
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(raw, f, indent=2)
+  to_host = to_host or (lambda x: np.asarray(jax.device_get(x)))
+  if write:
+    os.makedirs(path, exist_ok=True)
+    # Leftover weights of an earlier save would be picked up by the loader's *.safetensors glob.
+    for pattern in ("model.safetensors", "model-*-of-*.safetensors", _INDEX):
+      for old in glob.glob(os.path.join(path, pattern)):
+        os.remove(old)
+    raw = config_to_hf_dict(cfg, tokenizer)
+    raw["torch_dtype"] = np.dtype(params["embed"].dtype).name  # what is on disk, whatever cfg says
+    with open(os.path.join(path, "config.json"), "w") as f:
+      json.dump(raw, f, indent=2)
 
   layout = _layout(cfg)
   shards: list[list[str]] = [[]]
@@ -400,14 +577,17 @@ def save_model(path: str, cfg: ModelConfig, params, tokenizer=None, max_shard_by
       x = _get(params, layout[name].ours)
       if layout[name].layer is not None:
         x = x[layout[name].layer]
-      x = np.asarray(jax.device_get(x))
+      x = to_host(x)
       tensors[name] = np.ascontiguousarray(layout[name].to_hf(x))
       if tensors[name].shape != layout[name].hf_shape:
         raise ValueError(f"param {'/'.join(layout[name].ours)} has shape {x.shape}; does not match cfg")
       total += tensors[name].nbytes
       weight_map[name] = fname
-    save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
+    if write:
+      save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
     del tensors
+  if not write:
+    return path
   if n > 1:
     with open(os.path.join(path, _INDEX), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -5,6 +5,10 @@ isolation (RewardConfig.isolation):
       one item; a hang costs timeout_s, after which the worker is killed and restarted
       (startup ~0.3 s) and the batch continues. Handles anything, including C code
       stuck in a loop or a crash. Cost: pickling the batch, ~10 us per (item, reward).
+      The worker is its own process group: processes a reward starts are killed with
+      it (on a timeout, a restart, close() and at exit). Its address space is capped at
+      RewardConfig.memory_limit_mb: an allocation past it is an error for that item and
+      the worker is replaced (a leak does not carry over).
   "thread" - rewards run in a daemon thread. No startup or IPC; exceptions and hangs
       give 0 just the same, but a hung thread cannot be killed: it is abandoned and
       keeps taking CPU and the GIL for the rest of the run. For trusted, fast rewards,
@@ -12,7 +16,10 @@ isolation (RewardConfig.isolation):
   "none" - called inline: exceptions are caught, hangs are not. For debugging.
 
 Either way a failure gives reward 0 for that (item, reward), is counted in the stats and
-logged once per call and reward with an example message.
+logged once per call and reward with its first few examples. A failure is an exception,
+a hang, a crashed worker, or a returned value that is not a usable reward: not a real
+number (a str, None...), NaN or infinite, not finite as float32 (1e39), or larger in
+magnitude than RewardConfig.max_abs_reward (see MAX_ABS_REWARD).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import logging
 import math
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -35,12 +43,22 @@ import numpy as np
 
 from cispo_jax.data.example import Example
 from cispo_jax.rewards.registry import get_reward, importable_ref
-from cispo_jax.rewards.worker import run_items
+from cispo_jax.rewards.worker import OUT_OF_MEMORY, run_items
 
 ISOLATIONS = ("process", "thread", "none")
+MAX_ABS_REWARD = 1e6
+"""Default RewardConfig.max_abs_reward: a reward beyond +-1e6 is taken for a bug (a verifier
+returning a count, an id, an overflow), given 0 and counted as an error rather than allowed to
+swamp the group's advantages; verifiable rewards are O(1). Raise it per config if you mean it."""
+MEMORY_LIMIT_MB = 4096
+"""Default RewardConfig.memory_limit_mb: the process worker's address-space cap (RLIMIT_AS),
+4 GiB. The worker needs ~0.2 GiB (Python, numpy, sympy); BLAS/OpenMP thread pools, which reserve
+address space per thread, are held to one thread there unless the environment says otherwise."""
+_LOGGED_EXAMPLES = 3  # failures quoted per reward and kind in each warning
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 STARTUP_TIMEOUT_S = 120.0  # interpreter start plus importing the reward modules (sympy...)
 _MIN_BOOT_S = 10.0  # a restart late in a batch still gets this long to boot
-_TIMEOUT, _DIED = object(), object()
+_TIMEOUT, _DIED, _RECYCLE = object(), object(), object()
 _log = logging.getLogger(__name__)
 
 
@@ -50,12 +68,17 @@ class RewardConfig:
 
   timeout_s bounds each single (item, reward) evaluation; batch_timeout_s bounds one
   score() call (what is left when it runs out counts as timed out); None = unbounded.
+  max_abs_reward: a returned value beyond +-this is an error (reward 0); inf = only require
+  it to be finite in float32. memory_limit_mb: the process worker's address-space cap
+  (None = none; isolation="process" only).
   """
 
   rewards: tuple[tuple[str, float], ...] = (("exact_numeric", 1.0),)
   timeout_s: float = 5.0
   batch_timeout_s: float | None = 120.0
   isolation: str = "process"
+  max_abs_reward: float = MAX_ABS_REWARD
+  memory_limit_mb: int | None = MEMORY_LIMIT_MB
 
   def __post_init__(self):
     object.__setattr__(self, "rewards", tuple((str(n), float(w)) for n, w in self.rewards))
@@ -77,13 +100,44 @@ class RewardConfig:
       raise ValueError(f"RewardConfig.timeout_s must be > 0, got {self.timeout_s}")
     if self.batch_timeout_s is not None and not self.batch_timeout_s > 0:
       raise ValueError(f"RewardConfig.batch_timeout_s must be > 0 or None, got {self.batch_timeout_s}")
+    if isinstance(self.max_abs_reward, bool) or not self.max_abs_reward > 0:
+      raise ValueError(f"RewardConfig.max_abs_reward must be > 0 (inf allowed), got {self.max_abs_reward!r}")
+    if self.memory_limit_mb is not None and (not isinstance(self.memory_limit_mb, int)
+                                             or isinstance(self.memory_limit_mb, bool)
+                                             or self.memory_limit_mb < 1):
+      raise ValueError(f"RewardConfig.memory_limit_mb must be a positive int (MiB) or None, "
+                       f"got {self.memory_limit_mb!r}")
+
+
+def reward_value_error(value: float, max_abs: float) -> str | None:
+  """Why a reward function's (float) value cannot be used as a reward, or None if it can."""
+  if not math.isfinite(value):
+    return f"returned {value}"
+  if abs(value) > _FLOAT32_MAX:
+    return f"returned {value:g}, which is not finite as float32 (the rewards' dtype)"
+  if abs(value) > max_abs:
+    return f"returned {value:g}, beyond RewardConfig.max_abs_reward={max_abs:g}"
+  return None
+
+
+# Library thread pools reserve address space per thread; under the worker's RLIMIT_AS a
+# 100-core host would otherwise fail in `import numpy`. Rewards run one at a time anyway.
+_WORKER_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                        "MALLOC_ARENA_MAX": "2"}
 
 
 class _ProcessRunner:
-  """A reusable worker interpreter; killed and restarted when an evaluation hangs."""
+  """A reusable worker interpreter; killed and restarted when an evaluation hangs.
 
-  def __init__(self):
+  The worker leads its own session (start_new_session), so killing its process group
+  also kills whatever the reward functions started.
+  """
+
+  recycle_after_oom = True
+
+  def __init__(self, memory_limit_mb: int | None = MEMORY_LIMIT_MB):
     self.proc: subprocess.Popen | None = None
+    self.memory_limit_mb = memory_limit_mb
     self.restarts = 0
     atexit.register(self.close)
 
@@ -92,12 +146,14 @@ class _ProcessRunner:
       return
     to_worker_r, to_worker_w = os.pipe()
     from_worker_r, from_worker_w = os.pipe()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
-    code = "import sys; from cispo_jax.rewards.worker import main; main(*map(int, sys.argv[1:4]))"
+    env = {**_WORKER_ENV_DEFAULTS, **os.environ,
+           "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
+    code = "import sys; from cispo_jax.rewards.worker import main; main(*map(int, sys.argv[1:5]))"
     # subprocess forks and execs at once (no Python between them), so JAX threads are safe.
     self.proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(to_worker_r), str(from_worker_w), str(os.getpid())],
-        pass_fds=(to_worker_r, from_worker_w), stdin=subprocess.DEVNULL, env=env)
+        [sys.executable, "-c", code, str(to_worker_r), str(from_worker_w), str(os.getpid()),
+         str(self.memory_limit_mb or 0)],
+        pass_fds=(to_worker_r, from_worker_w), stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     os.close(to_worker_r)
     os.close(from_worker_w)
     self.outbox = Connection(to_worker_w, readable=False)
@@ -137,25 +193,40 @@ class _ProcessRunner:
     self.restarts += 1
     self.start()  # starts booting now, so the next submit waits less
 
+  def _kill_group(self) -> None:
+    """SIGKILL the worker and everything in its process group. Sent before the worker is
+    reaped, so its pid (the group's id) cannot have been reused by then."""
+    try:
+      os.killpg(self.proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # the group is gone already
+      pass
+
   def exit_note(self) -> str:
+    self._kill_group()  # what the dead worker's rewards started goes with it
     try:
       code = self.proc.wait(timeout=1.0)
     except subprocess.TimeoutExpired:
       code = None
-    return f"reward worker died (exit code {code})"
+    limit = f"; its memory limit is {self.memory_limit_mb} MiB" if self.memory_limit_mb else ""
+    return f"reward worker died (exit code {code}{limit})"
 
   def close(self) -> None:
     if self.proc is None:
       return
     for conn in (self.outbox, self.inbox):
       conn.close()
-    self.proc.kill()  # a stuck reward would never see the closed pipe
+    if self.proc.returncode is None:  # not reaped yet: the group id is still ours
+      self._kill_group()  # a stuck reward would never see the closed pipe; its children neither
+    self.proc.kill()
     self.proc.wait()
     self.proc = None
 
 
 class _ThreadRunner:
   """Evaluates in a daemon thread; a hung one is abandoned with its private queue."""
+
+  recycle_after_oom = False  # the memory is the trainer's own: nothing to replace
+  memory_limit_mb = None
 
   def __init__(self, inline: bool = False):
     self.inline = inline
@@ -187,7 +258,8 @@ class _ThreadRunner:
     pass
 
 
-def _evaluate(runner, jobs, names, completions, examples, timeout_s, batch_timeout_s):
+def _evaluate(runner, jobs, names, completions, examples, timeout_s, batch_timeout_s,
+              max_abs_reward=MAX_ABS_REWARD):
   """values_NxR plus per-pair failures {flat: (kind, message)}; drives the runner to the end."""
   n_items, n_rewards = len(completions), len(names)
   total = n_items * n_rewards
@@ -207,7 +279,8 @@ def _evaluate(runner, jobs, names, completions, examples, timeout_s, batch_timeo
     outcome = runner.submit(jobs, completions, examples, flat, boot_s)
     if outcome is not None:  # cannot even load the rewards: retrying per item would not help
       kind = "timeout" if outcome is _TIMEOUT else "error"
-      fail_rest(flat, kind, f"reward worker did not start and load the rewards ({kind})")
+      limit = f"; its memory limit is {runner.memory_limit_mb} MiB" if runner.memory_limit_mb else ""
+      fail_rest(flat, kind, f"reward worker did not start and load the rewards ({kind}{limit})")
       runner.restart()
       break
     while flat < total:
@@ -217,12 +290,23 @@ def _evaluate(runner, jobs, names, completions, examples, timeout_s, batch_timeo
         outcome = result
         break
       index, value, error = result
-      values.flat[index] = value
-      if error is not None:
-        failures[index] = ("error", error)
+      if error is None:
+        error = reward_value_error(value, max_abs_reward)
       flat = index + 1
+      if error is None:
+        values.flat[index] = value
+        continue
+      if error.startswith(OUT_OF_MEMORY) and runner.recycle_after_oom:
+        failures[index] = ("error", f"{error} (over the reward worker's memory limit of "
+                                    f"{runner.memory_limit_mb} MiB; worker replaced)")
+        outcome = _RECYCLE  # whatever it leaked stays allocated: go on in a fresh worker
+        break
+      failures[index] = ("error", error)
     if outcome is None:
       break
+    if outcome is _RECYCLE:
+      runner.restart()
+      continue
     # `flat` is the pair whose result never came: it hung or killed its process.
     if outcome is _DIED:
       failures[flat] = ("error", runner.exit_note())
@@ -236,20 +320,27 @@ def _evaluate(runner, jobs, names, completions, examples, timeout_s, batch_timeo
   return values, failures
 
 
-def _report(names, values, weights, failures, n_items, restarts) -> dict[str, Any]:
+def _quote(text: str, width: int = 60) -> str:
+  return repr(text if len(text) <= width else text[:width - 3] + "...")
+
+
+def _report(names, values, weights, failures, n_items, restarts, completions=None) -> dict[str, Any]:
   stats: dict[str, Any] = {"errors": 0, "timeouts": 0, "worker_restarts": restarts}
   by_reward = collections.defaultdict(list)
   for flat, (kind, message) in sorted(failures.items()):
-    by_reward[flat % len(names), kind].append(message)
+    by_reward[flat % len(names), kind].append((flat // len(names), message))
   for j, name in enumerate(names):
     stats[f"{name}/mean"] = float(values[:, j].mean()) if n_items else 0.0
     for kind in ("error", "timeout"):
-      messages = by_reward.get((j, kind), [])
-      stats[f"{name}/{kind}s"] = len(messages)
-      stats[f"{kind}s"] += len(messages)
-      if messages:
+      failed = by_reward.get((j, kind), [])
+      stats[f"{name}/{kind}s"] = len(failed)
+      stats[f"{kind}s"] += len(failed)
+      if failed:
+        examples = "; ".join(
+            f"item {i}" + (f" (completion {_quote(completions[i])})" if completions is not None else "")
+            + f": {message}" for i, message in failed[:_LOGGED_EXAMPLES])
         _log.warning("reward %r: %d %s(s) in %d items (reward 0 for those), e.g. %s",
-                        name, len(messages), kind, n_items, messages[0])
+                     name, len(failed), kind, n_items, examples)
   stats["mean"] = float((values @ weights).mean()) if n_items else 0.0
   return stats
 
@@ -263,7 +354,7 @@ class RewardScorer:
     self.weights = np.asarray([w for _, w in config.rewards], np.float32)
     self._lock = threading.Lock()
     if config.isolation == "process":
-      self.runner = _ProcessRunner()
+      self.runner = _ProcessRunner(config.memory_limit_mb)
       self.jobs = [importable_ref(name) for name in self.names]
     else:
       self.runner = _ThreadRunner(inline=config.isolation == "none")
@@ -283,13 +374,15 @@ class RewardScorer:
       restarts_before = self.runner.restarts
       try:
         values_NxR, failures = _evaluate(self.runner, self.jobs, self.names, completions, examples,
-                                         self.config.timeout_s, self.config.batch_timeout_s)
+                                         self.config.timeout_s, self.config.batch_timeout_s,
+                                         self.config.max_abs_reward)
       except BaseException:
         self.runner.restart()  # e.g. Ctrl-C mid-batch: results still in the pipe must not leak into the next call
         raise
       restarts = self.runner.restarts - restarts_before
     rewards_N = (values_NxR @ self.weights).astype(np.float32)
-    return rewards_N, _report(self.names, values_NxR, self.weights, failures, len(completions), restarts)
+    return rewards_N, _report(self.names, values_NxR, self.weights, failures, len(completions), restarts,
+                              completions)
 
   __call__ = score
 
@@ -303,9 +396,11 @@ _SCORERS_LOCK = threading.Lock()
 
 def score(completions: Sequence[str], examples: Sequence[Example],
           rewards: Sequence[tuple[str, float]] = (("exact_numeric", 1.0),), timeout_s: float = 5.0,
-          batch_timeout_s: float | None = 120.0, isolation: str = "process") -> tuple[np.ndarray, dict[str, Any]]:
+          batch_timeout_s: float | None = 120.0, isolation: str = "process",
+          max_abs_reward: float = MAX_ABS_REWARD,
+          memory_limit_mb: int | None = MEMORY_LIMIT_MB) -> tuple[np.ndarray, dict[str, Any]]:
   """Functional form of RewardScorer.score; reuses one scorer (and worker) per config."""
-  config = RewardConfig(tuple(rewards), timeout_s, batch_timeout_s, isolation)
+  config = RewardConfig(tuple(rewards), timeout_s, batch_timeout_s, isolation, max_abs_reward, memory_limit_mb)
   with _SCORERS_LOCK:
     if config not in _SCORERS:
       _SCORERS[config] = RewardScorer(config)
