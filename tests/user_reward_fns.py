@@ -95,3 +95,8 @@ def jax_not_imported(completion, example):
   """1.0 if the process running this reward has not imported jax (the worker must not)."""
   import sys
   return 0.0 if "jax" in sys.modules else 1.0
+
+
+def huge_on_odd_length(completion, example):
+  """1e39 (inf in float32) for odd-length completions, else a length bonus (tests/test_reliability.py)."""
+  return 1e39 if len(completion) % 2 else 0.25 * len(completion)
