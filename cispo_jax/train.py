@@ -32,6 +32,9 @@ def main(argv=None) -> dict:
   from cispo_jax import config, sharding
   configs = config.parse_args(rest)  # every config is built and validated before any compilation
   sharding.initialize_distributed(dist.coordinator_address, dist.num_processes, dist.process_id)
+  from cispo_jax.compile_cache import enable_compilation_cache
+  cache = enable_compilation_cache()  # a rerun of the same config loads its compiled programs from disk
+  logging.getLogger("cispo_jax.train").info("compilation cache: %s", cache or "off")
 
   from cispo_jax.bootstrap import bootstrap_model
   from cispo_jax.trainer import EXIT_PREEMPTED, Trainer

@@ -25,6 +25,7 @@ from cispo_jax import advantages as adv_lib
 from cispo_jax import data as data_lib
 from cispo_jax import losses, sampling, sharding
 from cispo_jax.checkpoint import Checkpointer, NonFiniteState, abstract_like
+from cispo_jax.compile_cache import CompileClock
 from cispo_jax.metrics import MetricWriter, plot_curves
 from cispo_jax.model import hf_io, logical_axes, param_shapes
 from cispo_jax.optim import OptimConfig, make_optimizer
@@ -211,6 +212,7 @@ class Trainer:
                                resume_from=self.iteration if restored is not None else None)
     self._stop_signal: str | None = None
     self._handlers: dict = {}
+    self.compile_clock, self.time_totals = CompileClock(), {}
     if threading.current_thread() is threading.main_thread():
       # A preemptible VM's SIGTERM, or Ctrl-C: finish the iteration, save, exit (handlers undone by close()).
       self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -266,6 +268,8 @@ class Trainer:
       old_logps = self._logps(self.state.params, tokens, kv_valid, n_completion=N)
       ref_logps = (self._logps(self.ref_params, tokens, kv_valid, n_completion=N)
                    if self.ref_params is not None else jnp.zeros_like(old_logps))
+    jax.block_until_ready((old_logps, ref_logps))
+    t3 = time.perf_counter()
     mask = np.asarray(out.mask_BxN, np.float32) * np.asarray(keep_B, np.float32)[:, None]
     old_host, sampler_logps = _to_host(old_logps), np.asarray(out.logps_BxN, np.float32)
     gap = np.abs(old_host - sampler_logps)
@@ -285,7 +289,7 @@ class Trainer:
         "logp_gap/sampler_vs_trainer": float(gap[valid].mean()) if valid.any() else 0.0,
         "reward_events/errors": self.reward_events["errors"],
         "reward_events/timeouts": self.reward_events["timeouts"],
-        "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1,
+        "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/logps_s": t3 - t2,
         "tokens/generated": float(valid.sum()),
     }
     if len(self.task.reward_list()) > 1:  # each reward of a mix, on this process's rows
@@ -311,7 +315,7 @@ class Trainer:
     metrics["train/nonfinite_skips_total"] = self.nonfinite_skips["total"]
     t2 = time.perf_counter()
     metrics["time/update_s"] = t2 - t1
-    metrics["time/iteration_s"] = t2 - t0
+    metrics["time/step_s"] = t2 - t0
     metrics["tokens/per_s"] = metrics["tokens/generated"] / max(t2 - t0, 1e-9)
     self.iteration += 1
     return metrics
@@ -375,16 +379,28 @@ class Trainer:
       self.writer.write(self.iteration, {"eval/pass_at_1": self.eval_start})
     bar = _progress(rl.total_steps, self.iteration, enabled=self.main)
     t_start, done, last_eval, stopped_by = time.perf_counter(), 0, None, None
+    t_prev, save_s = t_start, 0.0
     while self.iteration < rl.total_steps and (stop_after is None or done < stop_after):
       if self._should_stop():  # checked before each iteration, so a signal during the last one still finishes
         stopped_by = self._stop_signal or "a signal to another process"
         break
       metrics = self.step()
       done += 1
+      t_eval = time.perf_counter()
       if self.iteration % rl.eval_every == 0 or self.iteration == rl.total_steps:
         last_eval = metrics["eval/pass_at_1"] = self.evaluate()
+      now = time.perf_counter()
+      # Every second between two rows is in one phase: the previous row's checkpoint save, this step's
+      # phases, eval, and "other" (host bookkeeping, logging). Compile time overlaps the phases.
+      metrics.update({"time/eval_s": now - t_eval, "time/checkpoint_s": save_s, "time/iteration_s": now - t_prev,
+                      "time/compile_s": self.compile_clock.take()})
+      metrics["time/other_s"] = metrics["time/iteration_s"] - sum(metrics[f"time/{k}_s"] for k in _PHASES)
+      for k in (*_PHASES, "other", "compile"):
+        self.time_totals[k] = self.time_totals.get(k, 0.0) + metrics[f"time/{k}_s"]
       self.writer.write(self.iteration, metrics)
+      t_prev = time.perf_counter()
       self.ckpt.maybe_save(self.iteration, self.state, self._host_state())
+      save_s = time.perf_counter() - t_prev
       bar.update(1)
       bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", loss=f"{metrics.get('train/loss', 0):.3g}",
                       eval_pass1=f"{self.eval_start if last_eval is None else last_eval:.3f}")
@@ -394,7 +410,9 @@ class Trainer:
     self.ckpt.wait()
     summary = {"eval_start": self.eval_start, "iterations": self.iteration,
                "seconds": time.perf_counter() - t_start, "reward_events": dict(self.reward_events),
-               "nonfinite_skips": self.nonfinite_skips["total"]}
+               "nonfinite_skips": self.nonfinite_skips["total"],
+               "time_s": {k: round(v, 2) for k, v in self.time_totals.items()},
+               "compile_cache_hits": self.compile_clock.cache_hits}
     if stopped_by is not None and not finished:
       summary["preempted"] = stopped_by
       log.warning("stopped by %s after iteration %d; checkpoint %d saved in %s. Rerun the same command to "
@@ -414,12 +432,16 @@ class Trainer:
     return summary
 
   def close(self):
+    self.compile_clock.close()
     for sig, old in self._handlers.items():
       signal.signal(sig, old)
     self._handlers = {}
     self.ckpt.close()
     self.writer.close()
     self.scorer.close()
+
+
+_PHASES = ("rollout", "reward", "logps", "update", "eval", "checkpoint")  # time/<phase>_s, summed per iteration
 
 
 class NonFiniteTraining(RuntimeError):

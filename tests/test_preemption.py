@@ -37,9 +37,16 @@ def model_dir(tmp_path_factory):
                              num_layers=1, num_heads=2, num_kv_heads=1, seed=0)
 
 
+_CACHE = {}
+
+
 def _env(devices: int = 1) -> dict:
+  if "dir" not in _CACHE:  # one persistent compilation cache for this module's runs (the default is ~/.cache)
+    import tempfile
+    _CACHE["dir"] = tempfile.mkdtemp(prefix="cispo_jax_xla_cache_")
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")]))
+              PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")]),
+              CISPO_JAX_COMPILATION_CACHE=_CACHE["dir"])
 
 
 def _cmd(model_dir: str, run_dir: Path, *extra: str) -> list[str]:
@@ -117,6 +124,7 @@ def test_kill9_sigterm_and_corruption_resume_to_the_uninterrupted_run(model_dir,
   ref = tmp_path / "ref"
   done = subprocess.run(_cmd(model_dir, ref), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert json.loads((ref / "summary.json").read_text())["compile_cache_hits"] == 0  # a fresh cache
 
   run = tmp_path / "run"
   rng = random.Random(0)
@@ -146,6 +154,9 @@ def test_kill9_sigterm_and_corruption_resume_to_the_uninterrupted_run(model_dir,
   assert {"before_first_checkpoint", "during_save", "random", "sigterm"} <= set(hit), hit
   assert len(hit) >= 5, hit
 
+  # The later attempts loaded the reference run's compiled programs from the persistent cache, and
+  # still reproduced it bit for bit.
+  assert json.loads((run / "summary.json").read_text())["compile_cache_hits"] > 0
   assert _comparable(read_metrics(str(run))) == _comparable(read_metrics(str(ref)))
   got, want = _final_params(run), _final_params(ref)
   assert got.keys() == want.keys()
