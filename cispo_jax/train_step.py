@@ -5,6 +5,15 @@ unreduced sums and denominators over micro-batches (lax.scan) and divides once, 
 minibatch never changes the gradient. `update_on_rollout` runs num_iterations epochs of
 minibatches over one rollout batch inside a single jitted program.
 
+Update work without gradient (the trainer's RLConfig.compact_groups / trim_completions /
+old_logps_in_update): `update_on_rollout` can take the minibatch order from the caller
+(`order_IxMxG`, group indices per epoch and minibatch). The trainer computes the same shuffle on
+the host (`epoch_permutations`, from the same key), drops the zero-weight groups from each
+minibatch and pads it with other zero-weight groups to a bucket, so every minibatch holds the
+same weighted groups as the masked full batch would. With `old_from_first_step` (one minibatch
+per epoch) the old log-probs are the first step's own forward, stop-gradiented, instead of a
+separate forward before the update; they come back as a third output.
+
 Non-finite steps: when the loss or the gradient (through its global norm) is inf or NaN, the step
 is skipped: params, opt_state and step come back bitwise unchanged (so the LR schedule and Adam's
 bias correction do not advance either) and the step's metric `skipped_nonfinite` is 1. The check
@@ -74,13 +83,22 @@ def completion_logps(params, model_cfg: ModelConfig, tokens_BxL, kv_valid_BxL, n
                                          temperature, chunk=model_cfg.logprob_chunk)
 
 
-def _loss_fn(params, mb: RolloutBatch, cfg: StepConfig):
+def _loss_fn(params, mb: RolloutBatch, cfg: StepConfig, old_from_current=None):
+  """(loss_sum, (LossOutput, logps_BxN)).
+
+  old_from_current: None, or a traced bool; when true the old log-probs are this forward's own
+  (stop_gradient: the ratio is exactly 1 and no gradient flows through them) and
+  mb.old_logps_BxN is ignored.
+  """
   logps_BxN, entropy_BxN = completion_logps(params, cfg.model, mb.tokens_BxL, mb.kv_valid_BxL,
                                             mb.mask_BxN.shape[1], cfg.temperature)
-  out = losses.policy_loss(logps_BxN, mb.old_logps_BxN, mb.adv_BxN, mb.mask_BxN, cfg.loss,
+  old_BxN = mb.old_logps_BxN
+  if old_from_current is not None:
+    old_BxN = jnp.where(old_from_current, jax.lax.stop_gradient(logps_BxN), old_BxN)
+  out = losses.policy_loss(logps_BxN, old_BxN, mb.adv_BxN, mb.mask_BxN, cfg.loss,
                            ref_logps_BxT=mb.ref_logps_BxN if cfg.use_ref else None,
                            entropy_BxT=entropy_BxN, group_ids_B=mb.group_ids_B)
-  return out.loss_sum, out
+  return out.loss_sum, (out, logps_BxN)
 
 
 def split_micro(batch, micro: int, group: int):
@@ -104,16 +122,25 @@ def train_step(state: TrainState, mb: RolloutBatch, *, cfg: StepConfig, tx, sche
   Skipped, with the state returned unchanged, when the loss or the gradient is not finite (see
   the module docstring); metrics["skipped_nonfinite"] (int32) is 1 then, else 0.
   """
+  state, metrics, _ = _train_step(state, mb, None, cfg=cfg, tx=tx, schedule=schedule)
+  return state, metrics
+
+
+def _train_step(state: TrainState, mb: RolloutBatch, old_from_current, *, cfg: StepConfig, tx, schedule):
+  """train_step; with old_from_current (a traced bool, see _loss_fn) also the forward's log-probs,
+  [micro_batches, B / micro_batches, N] in split_micro's row order (else None)."""
   micro = split_micro(mb, cfg.micro_batches, cfg.num_generations)
+  want_logps = old_from_current is not None
 
   def body(carry, micro_batch):
     grads_acc, denom_acc = carry
-    (loss_sum, out), grads = jax.value_and_grad(_loss_fn, has_aux=True)(state.params, micro_batch, cfg)
+    (loss_sum, (out, logps)), grads = jax.value_and_grad(_loss_fn, has_aux=True)(
+        state.params, micro_batch, cfg, old_from_current)
     grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-    return (grads_acc, denom_acc + out.denominator), (loss_sum, out.metrics)
+    return (grads_acc, denom_acc + out.denominator), (loss_sum, out.metrics, logps if want_logps else None)
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-  (grad_sum, denom), (loss_sums, metrics) = jax.lax.scan(body, (zeros, jnp.float32(0.0)), micro)
+  (grad_sum, denom), (loss_sums, metrics, logps) = jax.lax.scan(body, (zeros, jnp.float32(0.0)), micro)
   denom = jnp.maximum(denom, 1e-8)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, state.params)
   loss = loss_sums.sum() / denom
@@ -135,28 +162,75 @@ def train_step(state: TrainState, mb: RolloutBatch, *, cfg: StepConfig, tx, sche
   metrics = jax.tree.map(jnp.mean, metrics)
   metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
                  skipped_nonfinite=jnp.logical_not(finite).astype(jnp.int32))
-  return new_state, metrics
+  return new_state, metrics, logps
 
 
-def update_on_rollout(state: TrainState, batch: RolloutBatch, *, cfg: StepConfig, tx, schedule,
-                      num_iterations: int, num_minibatches: int):
+def epoch_permutations(rng_data, n_groups: int, num_iterations: int):
+  """(the state's next rng data, [num_iterations, n_groups] group permutations, one per epoch).
+
+  The update's shuffle. The trainer calls it on the host side too (same key, same function), to
+  know each minibatch's groups before the update runs.
+  """
+  rng, shuffle_key = jax.random.split(jax.random.wrap_key_data(rng_data))
+  perms = jax.lax.map(lambda key: jax.random.permutation(key, n_groups),
+                      jax.random.split(shuffle_key, num_iterations))
+  return jax.random.key_data(rng), perms
+
+
+def update_on_rollout(state: TrainState, batch: RolloutBatch, order_IxMxG=None, *, cfg: StepConfig, tx,
+                      schedule, num_iterations: int, num_minibatches: int, old_from_first_step: bool = False):
   """num_iterations passes over the rollout, each in num_minibatches shuffled (by group) minibatches.
+
+  order_IxMxG: None, the shuffle drawn here (minibatch j of epoch i takes the groups perm_i[j::M]
+  of `epoch_permutations`); or int32 [num_iterations, num_minibatches, G] group indices into
+  `batch` (every group of the batch once per epoch), the trainer's compacted order. The state's
+  rng advances the same way either way.
+
+  old_from_first_step (needs num_minibatches == 1): batch.old_logps_BxN is ignored; the first
+  optimizer step's forward (the params the rollout was sampled with, on every row) gives the old
+  log-probs, stop-gradiented, so its ratio is exactly 1; later epochs use them as usual.
 
   Returns the new state and per-step metrics stacked [num_iterations * num_minibatches];
   metrics["skipped_nonfinite"] marks the steps skipped for a non-finite loss or gradient (sum it,
-  don't average it, to count them).
+  don't average it, to count them). With old_from_first_step also the old log-probs [B, N] (the
+  rows of `batch`).
   """
-  B = batch.tokens_BxL.shape[0]
-  n_groups = B // cfg.num_generations
-  rng, shuffle_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-  state = state.replace(rng=jax.random.key_data(rng))
+  B, N = batch.mask_BxN.shape
+  n = cfg.num_generations
+  n_groups = B // n
+  rng, perms_IxG = epoch_permutations(state.rng, n_groups, num_iterations)
+  state = state.replace(rng=rng)
+  if order_IxMxG is None:
+    order_IxMxG = perms_IxG.reshape(num_iterations, n_groups // num_minibatches, num_minibatches).swapaxes(1, 2)
+  if order_IxMxG.shape[:2] != (num_iterations, num_minibatches):
+    raise ValueError(f"order_IxMxG has shape {order_IxMxG.shape}; want ({num_iterations}, {num_minibatches}, G)")
+  if old_from_first_step and num_minibatches != 1:
+    raise ValueError("old_from_first_step needs num_minibatches == 1: a later minibatch's old log-probs are "
+                     "those of the params before the first step")
+  rows_IxMxR = (order_IxMxG[..., None] * n + jnp.arange(n)).reshape(num_iterations, num_minibatches, -1)
+  step = functools.partial(_train_step, cfg=cfg, tx=tx, schedule=schedule)
 
-  def epoch(state, key):
-    group_perm = jax.random.permutation(key, n_groups)
-    rows = (group_perm[:, None] * cfg.num_generations + jnp.arange(cfg.num_generations)).reshape(-1)
-    shuffled = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), batch)
-    minibatches = split_micro(shuffled, num_minibatches, cfg.num_generations)
-    return jax.lax.scan(functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule), state, minibatches)
+  def epoch(carry, xs):
+    state, old_BxN = carry
+    i, rows_MxR = xs
+    source = batch._replace(old_logps_BxN=old_BxN) if old_from_first_step else batch
+    minibatches = jax.tree.map(lambda x: jnp.take(x, rows_MxR, axis=0), source)  # [M, R, ...]
+    first = (i == 0) if old_from_first_step else None
 
-  state, metrics = jax.lax.scan(epoch, state, jax.random.split(shuffle_key, num_iterations))
-  return state, jax.tree.map(lambda m: m.reshape(-1), metrics)
+    def one(state, mb):
+      state, metrics, logps = step(state, mb, first)
+      return state, (metrics, logps)
+
+    state, (metrics, logps) = jax.lax.scan(one, state, minibatches)
+    if old_from_first_step:  # M == 1: the first epoch's forward, back in the batch's row order
+      micro_rows = split_micro(rows_MxR[0], cfg.micro_batches, n).reshape(-1)
+      fresh = old_BxN.at[micro_rows].set(logps.reshape(-1, N))
+      old_BxN = jnp.where(i == 0, fresh, old_BxN)
+    return (state, old_BxN), metrics
+
+  (state, old_BxN), metrics = jax.lax.scan(
+      epoch, (state, batch.old_logps_BxN if old_from_first_step else None), (jnp.arange(num_iterations), rows_IxMxR))
+  metrics = jax.tree.map(lambda m: m.reshape(-1), metrics)
+  if old_from_first_step:
+    return state, metrics, old_BxN
+  return state, metrics

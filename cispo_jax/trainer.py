@@ -11,10 +11,12 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import threading
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,8 @@ from cispo_jax.metrics import MetricWriter, plot_curves
 from cispo_jax.model import hf_io, logical_axes, param_shapes
 from cispo_jax.optim import OptimConfig, make_optimizer
 from cispo_jax.task import Scorer, TaskConfig, make_sources
-from cispo_jax.train_step import RolloutBatch, StepConfig, TrainState, completion_logps, update_on_rollout
+from cispo_jax.train_step import (RolloutBatch, StepConfig, TrainState, completion_logps, epoch_permutations,
+                                  update_on_rollout)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,31 @@ class RLConfig:
   attention_block: int = 512
   logprob_chunk: int = 1024  # completion positions per LM-head chunk of the training log-probs
   max_nonfinite_skips: int = 10  # consecutive optimizer steps skipped for a NaN/inf loss or gradient before the run stops
+  # Update work that carries no gradient (each switch leaves the loss and gradient unchanged up to f32 rounding;
+  # tests/test_update_work.py):
+  # compact_groups: groups with mask 0 everywhere (filter_zero_variance's all-equal groups) leave the update batch
+  #   (and the old/reference log-prob forwards). Each minibatch keeps exactly the weighted groups the masked full
+  #   batch would give it (the update's shuffle is drawn on the host from the same key) and is padded with
+  #   zero-weight groups to a bucket: quantum * {1, 2, 3, 4, 6, 8, 12, ...}, the quantum being the smallest group
+  #   count that splits into micro_batches and over the data x fsdp devices; the full size when that is reached.
+  #   Every aggregation's sums and denominators (Dr.GRPO's constant included), the KL and the entropy terms see
+  #   masked tokens only, so dropping them changes nothing. A few update programs get compiled (one per bucket).
+  #   With micro_batches > 1 the train/ token-mean metrics (ratio_mean, kl_ref, entropy, pg_loss, ...), which are
+  #   averaged per micro-batch, can shift because other groups share a micro-batch; train/loss and the gradient
+  #   do not. logp_gap/sampler_vs_trainer is measured on the tokens that enter the loss (either way).
+  compact_groups: bool = True
+  # trim_completions: the update's completion axis (and the token / kv arrays) cut to 8 * {1, 2, 3, 4, 6, ...}
+  #   positions >= the longest completion that enters the loss (capped at max_new_tokens). The positions cut are
+  #   padding after every kept completion stopped; attention is causal, so the others do not change.
+  trim_completions: bool = True
+  # old_logps_in_update: with num_minibatches == 1 and tis_cap == 0 the first optimizer step's forward runs the
+  #   params the rollout was sampled with on every row: it gives the old log-probs (stop_gradient, ratio exactly 1)
+  #   and the separate old-log-prob forward is skipped (the reference forward for a KL stays). The old log-probs
+  #   then come from the training forward itself rather than from a second program: equal to f32 rounding in
+  #   float32 (at bf16, within the compute dtype's rounding, and the first step's ratio is exactly 1). TIS needs
+  #   them on the host before the update, and a later minibatch needs the pre-update params: then the separate
+  #   forward runs as before. logp_gap/sampler_vs_trainer is computed after the update then.
+  old_logps_in_update: bool = True
 
   def __post_init__(self):
     positive = ("total_steps", "prompts_per_step", "num_generations", "num_iterations",
@@ -121,6 +149,80 @@ def batched_completion_logps(params, tokens_BxL, kv_valid_BxL, *, model_cfg, n_c
   # Chunk j takes rows j, j+m, ...: the sharded batch axis stays leading (no communication).
   chunks = tuple(x.reshape(B // m, m, -1).swapaxes(0, 1) for x in (tokens_BxL, kv_valid_BxL))
   return jax.lax.map(one, chunks).swapaxes(0, 1).reshape(B, n_completion)
+
+
+# --- the update batch: compaction and trimming (RLConfig.compact_groups / trim_completions) -------------------
+TRIM_QUANTUM = 8  # completion positions: the trimmed width is a multiple of this (times the ladder)
+
+
+def _ladder(x: int) -> int:
+  """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k) that is >= x: at most 33% padding,
+  two sizes per doubling."""
+  p = 1
+  while p < x:
+    if p >= 2 and 3 * p // 2 >= x:
+      return 3 * p // 2
+    p *= 2
+  return p
+
+
+def bucket(x: int, full: int, quantum: int) -> int:
+  """Padded size for x items: quantum * ladder(ceil(x / quantum)); `full` once that reaches it."""
+  if not 0 < x <= full:
+    raise ValueError(f"bucket: need 0 < x={x} <= full={full}")
+  b = quantum * _ladder(-(-x // quantum))
+  return full if b >= full else b
+
+
+def group_quantum(num_generations: int, micro_batches: int, batch_shards: int) -> int:
+  """Smallest group count per minibatch that splits into micro_batches micro-batches whose rows
+  (groups * num_generations) divide over the batch_shards (data x fsdp) devices."""
+  return micro_batches * (batch_shards // math.gcd(num_generations, batch_shards))
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdatePlan:
+  rows: np.ndarray  # [B'] rollout rows in the update batch (whole groups, in order)
+  order: np.ndarray | None  # [I, M, G'] update-batch group indices per epoch / minibatch; None: the update shuffles
+  width: int  # completion positions the update keeps
+  groups_per_minibatch: int
+
+
+def plan_update(keep_G: np.ndarray, completion_mask_BxN: np.ndarray, perms_IxG: np.ndarray | None, *,
+                num_generations: int, num_minibatches: int, quantum: int, compact: bool, trim: bool) -> UpdatePlan:
+  """Which rows and completion positions the update runs on (a pure function of global host data, so
+  every process picks the same plan).
+
+  compact: minibatch j of epoch i must train on the kept groups among perms_IxG[i, j::M] (what the
+  masked full batch gives it); the largest such count, bucketed (`bucket`, multiples of `quantum`),
+  is every minibatch's size, filled up with dropped (mask 0) groups, each used once per epoch.
+  """
+  n, M = num_generations, num_minibatches
+  B, N = completion_mask_BxN.shape
+  G = B // n
+  kept = np.flatnonzero(keep_G)
+  if not len(kept):
+    raise ValueError("plan_update: no group is kept")
+  width = N
+  if trim:
+    rows_used = completion_mask_BxN.reshape(G, n, N)[kept].reshape(-1, N).astype(bool)
+    cols = np.flatnonzero(rows_used.any(0))
+    width = bucket(int(cols[-1]) + 1 if len(cols) else 1, N, TRIM_QUANTUM)
+  if not compact:
+    return UpdatePlan(np.arange(B), None, width, G // M)
+  slots = [[[g for g in perm[j::M] if keep_G[g]] for j in range(M)] for perm in perms_IxG]
+  per_mb = bucket(max(len(s) for epoch in slots for s in epoch), G // M, quantum)
+  dropped = np.flatnonzero(~np.asarray(keep_G, bool))
+  groups = np.concatenate([kept, dropped[:M * per_mb - len(kept)]])
+  where = {int(g): i for i, g in enumerate(groups)}
+  pads = list(range(len(kept), len(groups)))  # update-batch indices of the padding groups
+  order = np.zeros((len(slots), M, per_mb), np.int32)
+  for i, epoch in enumerate(slots):
+    free = iter(pads)
+    for j, s in enumerate(epoch):
+      order[i, j] = [where[int(g)] for g in s] + [next(free) for _ in range(per_mb - len(s))]
+  rows = (groups[:, None] * n + np.arange(n)).reshape(-1)
+  return UpdatePlan(rows, order, width, per_mb)
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; rerun the same command to resume
@@ -189,11 +291,23 @@ class Trainer:
                                use_ref=self.ref_params is not None)
     self._logps = functools.partial(batched_completion_logps, model_cfg=self.model_cfg,
                                     temperature=rl.temperature, micro_batches=rl.micro_batches)
-    self._update = jax.jit(
-        functools.partial(update_on_rollout, cfg=self.step_cfg, tx=self.tx, schedule=self.schedule,
-                          num_iterations=rl.num_iterations, num_minibatches=rl.num_minibatches),
-        in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+    # The old log-probs come out of the update's first forward when nothing needs them before it.
+    self.old_logps_in_update = rl.old_logps_in_update and rl.num_minibatches == 1 and rl.tis_cap == 0
+    update = functools.partial(update_on_rollout, cfg=self.step_cfg, tx=self.tx, schedule=self.schedule,
+                               num_iterations=rl.num_iterations, num_minibatches=rl.num_minibatches,
+                               old_from_first_step=self.old_logps_in_update)
+    rep = sharding.replicated(self.mesh)
+    outs = (self.state_shardings, rep) + ((self.batch_sharding,) if self.old_logps_in_update else ())
+    if rl.compact_groups:  # the host passes each epoch's minibatch order (plan_update)
+      self._update = jax.jit(update, in_shardings=(self.state_shardings, self.batch_sharding, rep),
+                             out_shardings=outs, donate_argnums=0)
+    else:
+      self._update = jax.jit(lambda state, batch: update(state, batch), in_shardings=(
+          self.state_shardings, self.batch_sharding), out_shardings=outs, donate_argnums=0)
+    self._perms = jax.jit(functools.partial(epoch_permutations, n_groups=rl.prompts_per_step,
+                                            num_iterations=rl.num_iterations), out_shardings=rep)
+    sizes = dict(self.mesh.shape)
+    self.group_quantum = group_quantum(rl.num_generations, rl.micro_batches, sizes["data"] * sizes["fsdp"])
 
     # --- resume, logs -------------------------------------------------------------------------
     self.iteration, self.eval_start = 0, None
@@ -249,6 +363,9 @@ class Trainer:
     return _allgather_host(rewards.astype(np.float32)), stats
 
   def _rollout(self, examples, key):
+    """Sample, score, and build the update batch. Returns (batch or None when no group carries signal,
+    metrics, extra inputs of the update, host data for the logp gap when the update computes the old
+    log-probs)."""
     rl, n = self.rl, self.rl.num_generations
     t0 = time.perf_counter()
     out = self._generate(self.state.params, examples, key, self.train_sampling)
@@ -261,24 +378,6 @@ class Trainer:
               else np.ones(rewards_B.shape, bool))
     t2 = time.perf_counter()
 
-    N = out.tokens_BxN.shape[1]
-    tokens = self._global(np.concatenate([out.prompt_tokens_BxP, out.tokens_BxN], 1).astype(np.int32))
-    kv_valid = self._global(np.concatenate([out.prompt_mask_BxP, out.mask_BxN], 1).astype(bool))
-    with jax.set_mesh(self.mesh):
-      old_logps = self._logps(self.state.params, tokens, kv_valid, n_completion=N)
-      ref_logps = (self._logps(self.ref_params, tokens, kv_valid, n_completion=N)
-                   if self.ref_params is not None else jnp.zeros_like(old_logps))
-    jax.block_until_ready((old_logps, ref_logps))
-    t3 = time.perf_counter()
-    mask = np.asarray(out.mask_BxN, np.float32) * np.asarray(keep_B, np.float32)[:, None]
-    old_host, sampler_logps = _to_host(old_logps), np.asarray(out.logps_BxN, np.float32)
-    gap = np.abs(old_host - sampler_logps)
-    adv_BxN = np.broadcast_to(np.asarray(adv_B, np.float32)[:, None], mask.shape)
-    if rl.tis_cap > 0:  # sampler != trainer numerics: reweight by the truncated ratio pi_old / pi_sampler
-      adv_BxN = adv_BxN * np.minimum(np.exp(np.clip(old_host - sampler_logps, -20, 20)), rl.tis_cap)
-    batch = RolloutBatch(tokens, kv_valid, self._global(mask), old_logps, ref_logps,
-                         self._global(np.ascontiguousarray(adv_BxN, np.float32)),
-                         self._global(np.repeat(np.arange(len(rewards_B) // n, dtype=np.int32), n)))
     valid = np.asarray(out.mask_BxN, bool)
     metrics = {
         "reward/mean": float(rewards_B.mean()), "reward/std": float(rewards_B.std()),
@@ -286,15 +385,60 @@ class Trainer:
         "completion/length": float(np.asarray(out.lengths_B).mean()),
         "completion/stopped": float(np.asarray(out.stopped_B).mean()),
         "groups/kept_frac": float(keep_B.mean()),
-        "logp_gap/sampler_vs_trainer": float(gap[valid].mean()) if valid.any() else 0.0,
+        "logp_gap/sampler_vs_trainer": 0.0,  # over the tokens that enter the loss; set below or after the update
         "reward_events/errors": self.reward_events["errors"],
         "reward_events/timeouts": self.reward_events["timeouts"],
-        "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/logps_s": t3 - t2,
         "tokens/generated": float(valid.sum()),
     }
     if len(self.task.reward_list()) > 1:  # each reward of a mix, on this process's rows
       metrics.update({f"reward/{name}": float(stats[f"{name}/mean"]) for name, _ in self.task.reward_list()})
-    return batch, metrics, bool(keep_B.any())
+    batch, extra, gap_data = None, (), None
+    if keep_B.any():  # else no update, and nothing needs the log-probs
+      batch, extra, gap_data = self._update_batch(out, adv_B, keep_B, metrics)
+    t3 = time.perf_counter()
+    metrics.update({"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/logps_s": t3 - t2})
+    return batch, metrics, extra, gap_data
+
+  def _update_batch(self, out, adv_B, keep_B, metrics):
+    """The update's rows and width (plan_update), then the old / reference log-probs on just those."""
+    rl, n = self.rl, self.rl.num_generations
+    perms = _to_host(self._perms(self.state.rng)[1]) if rl.compact_groups else None  # the update's shuffle
+    plan = plan_update(keep_B[::n], np.asarray(out.mask_BxN, bool), perms, num_generations=n,
+                       num_minibatches=rl.num_minibatches, quantum=self.group_quantum, compact=rl.compact_groups,
+                       trim=rl.trim_completions)
+    if jax.process_count() > 1:  # a pure function of global data: every process must have the same plan
+      crc = lambda x: zlib.crc32(np.ascontiguousarray(x, np.int32).tobytes()) & 0x7FFFFFFF  # noqa: E731 (int32)
+      mine = np.array([plan.width, plan.groups_per_minibatch, crc(plan.rows),
+                       0 if plan.order is None else crc(plan.order)], np.int32)
+      if (_allgather_host(mine).reshape(-1, len(mine)) != mine).any():
+        raise RuntimeError(f"processes disagree on the update batch (width, groups, rows, order): {mine}")
+    r, w = plan.rows, plan.width
+    metrics["update/rows"], metrics["update/completion_width"] = float(len(r)), float(w)
+    tokens = self._global(np.concatenate([out.prompt_tokens_BxP[r], out.tokens_BxN[r, :w]], 1).astype(np.int32))
+    kv_valid = self._global(np.concatenate([out.prompt_mask_BxP[r], out.mask_BxN[r, :w]], 1).astype(bool))
+    mask = np.asarray(out.mask_BxN, np.float32)[r, :w] * np.asarray(keep_B, np.float32)[r, None]
+    sampler_logps = np.asarray(out.logps_BxN, np.float32)[r, :w]
+    with jax.set_mesh(self.mesh):
+      old_logps = (None if self.old_logps_in_update
+                   else self._logps(self.state.params, tokens, kv_valid, n_completion=w))
+      ref_logps = (self._logps(self.ref_params, tokens, kv_valid, n_completion=w)
+                   if self.ref_params is not None else None)
+    jax.block_until_ready((old_logps, ref_logps))
+    zeros = lambda: self._global(np.zeros(mask.shape, np.float32))  # noqa: E731
+    adv_BxN = np.broadcast_to(np.asarray(adv_B, np.float32)[r, None], mask.shape)
+    gap_data = (sampler_logps, mask > 0)
+    if old_logps is not None:
+      old_host = _to_host(old_logps)
+      metrics["logp_gap/sampler_vs_trainer"] = _logp_gap(old_host, *gap_data)
+      gap_data = None
+      if rl.tis_cap > 0:  # sampler != trainer numerics: reweight by the truncated ratio pi_old / pi_sampler
+        adv_BxN = adv_BxN * np.minimum(np.exp(np.clip(old_host - sampler_logps, -20, 20)), rl.tis_cap)
+    batch = RolloutBatch(tokens, kv_valid, self._global(mask), zeros() if old_logps is None else old_logps,
+                         zeros() if ref_logps is None else ref_logps,
+                         self._global(np.ascontiguousarray(adv_BxN, np.float32)),
+                         self._global((r[::n] // n).repeat(n).astype(np.int32)))
+    extra = () if plan.order is None else (plan.order,)
+    return batch, extra, gap_data
 
   def step(self) -> dict:
     """One RL iteration. Returns its metrics."""
@@ -302,16 +446,18 @@ class Trainer:
     examples = self.stream.next_batch()
     rng = jax.random.wrap_key_data(_to_host(self.state.rng))
     sample_key = jax.random.fold_in(rng, self.iteration)
-    batch, metrics, any_signal = self._rollout(examples, sample_key)
+    batch, metrics, extra, gap_data = self._rollout(examples, sample_key)
     t1 = time.perf_counter()
-    if any_signal:
+    if batch is not None:
       with jax.set_mesh(self.mesh):
-        self.state, step_metrics = self._update(self.state, batch)
+        self.state, step_metrics, *old_logps = self._update(self.state, batch, *extra)
       step_metrics = {k: _to_host(v) for k, v in step_metrics.items()}  # one entry per optimizer step
+      if gap_data is not None:  # the old log-probs came from the update's first forward
+        metrics["logp_gap/sampler_vs_trainer"] = _logp_gap(_to_host(old_logps[0]), *gap_data)
       self._count_nonfinite(step_metrics.get("skipped_nonfinite"))
       reduce = {"ratio_max": np.max, "ratio_min": np.min, "skipped_nonfinite": np.sum}
       metrics.update({f"train/{k}": float(reduce.get(k, np.mean)(v)) for k, v in step_metrics.items()})
-    metrics["train/skipped_no_signal"] = float(not any_signal)
+    metrics["train/skipped_no_signal"] = float(batch is None)
     metrics["train/nonfinite_skips_total"] = self.nonfinite_skips["total"]
     t2 = time.perf_counter()
     metrics["time/update_s"] = t2 - t1
@@ -488,6 +634,11 @@ def _bindings(text: str) -> dict[str, str]:
       key, _, value = line.partition(" = ")
       out[key.strip()] = value.strip()
   return out
+
+
+def _logp_gap(old_BxN, sampler_BxN, loss_mask_BxN) -> float:
+  """Mean |trainer - sampler| log-prob over the tokens that enter the loss (0 when there are none)."""
+  return float(np.abs(old_BxN - sampler_BxN)[loss_mask_BxN].mean()) if loss_mask_BxN.any() else 0.0
 
 
 def _to_host(x) -> np.ndarray:
