@@ -42,10 +42,9 @@ def main(argv=None) -> dict:
   if not rl.model_dir:
     import jax
     if jax.process_count() > 1:  # process 0 builds it (on a shared disk); the others then reuse it
-      from jax.experimental import multihost_utils
       if jax.process_index() == 0:
         bootstrap_model(configs["TaskConfig"], configs["BootstrapConfig"])
-      multihost_utils.sync_global_devices("cispo_jax bootstrap")
+      sharding.wait_for_all_processes("cispo_jax bootstrap")
     path = bootstrap_model(configs["TaskConfig"], configs["BootstrapConfig"])
     rl = dataclasses.replace(rl, model_dir=path)
     configs["operative"] += f"# bootstrap model: RLConfig.model_dir = {path!r}\n"

@@ -12,4 +12,5 @@ from cispo_jax.sharding.mesh import (AXES, BATCH_AXES, CACHE_AXES, RULES, MeshCo
                                      batch_sharding, cache_sharding, make_mesh, optimizer_logical_axes,
                                      param_shardings, replicated, resolve_spec, shard_init, shard_shape)
 from cispo_jax.sharding.multihost import (host_local_batch_to_global, initialize_distributed,
-                                          is_distributed_initialized, is_main_process, process_batch_rows)
+                                          is_distributed_initialized, is_main_process, process_batch_rows,
+                                          wait_for_all_processes)

@@ -70,6 +70,22 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   return True
 
 
+def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
+  """Block until every process reaches the barrier `name` (unique per use), for up to timeout_s.
+
+  Uses the coordination service's barrier, not a collective: a collective (e.g.
+  multihost_utils.sync_global_devices) gives up after gloo's 30 s context deadline, too short
+  for process 0 to build something the others then read (the bootstrap model).
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the coordination-service client jax.distributed created
+  client = distributed.global_state.client
+  if client is None:
+    raise RuntimeError("wait_for_all_processes: jax.distributed is not initialised")
+  client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
 def is_main_process() -> bool:
   """Process 0 writes logs, plots and the run summary."""
   return jax.process_index() == 0
