@@ -209,8 +209,10 @@ def test_readme_two_process_command_exits_cleanly(model_dir, tmp_path):
     cmd = [sys.executable, "-m", "cispo_jax.train", f"--coordinator_address=127.0.0.1:{port}",
            "--num_processes=2", f"--process_id={pid}", "--gin_param=MeshConfig.fsdp=2",
            "--gin_param=MeshConfig.tensor=2"]
-    # The README's command with a shorter run on the tiny model (its defaults train 150 iterations).
-    cmd += _cmd(model_dir, run)[3:] + ["--total_steps", "3"]
+    # The README's command with a shorter run (its defaults train 150 iterations), bootstrapping its model
+    # like the default run does: process 0 builds it while process 1 waits at a barrier.
+    cmd += _cmd(model_dir, run)[5:] + ["--total_steps", "3", "--gin_param", "BootstrapConfig.sft_steps=20",
+                                       "--gin_param", f"BootstrapConfig.cache_dir='{tmp_path / 'bootstrap'}'"]
     procs.append(subprocess.Popen(cmd, env=_env(devices=2), cwd=REPO, stdout=open(tmp_path / f"p{pid}.log", "w"),
                                   stderr=subprocess.STDOUT))
   try:
