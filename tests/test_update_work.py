@@ -20,8 +20,8 @@ from cispo_jax.optim import OptimConfig
 from cispo_jax.sharding import MeshConfig
 from cispo_jax.task import TaskConfig
 from cispo_jax.train_step import RolloutBatch, StepConfig, TrainState, epoch_permutations, update_on_rollout
-from cispo_jax.trainer import (TRIM_QUANTUM, RLConfig, Trainer, _ladder, batched_completion_logps, bucket,
-                               group_quantum, plan_update)
+from cispo_jax.trainer import RLConfig, Trainer, batched_completion_logps
+from cispo_jax.update_plan import TRIM_QUANTUM, _ladder, bucket, group_quantum, plan_update
 
 V, P, N = 32, 3, 32  # vocab, prompt width, completion width (max_new_tokens)
 G, NG = 16, 2  # groups, completions per group
