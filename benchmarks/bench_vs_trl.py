@@ -296,11 +296,12 @@ def _ours_worker(conn, a: dict, model_dir: str):
   from cispo_jax.trainer import RLConfig, Trainer
 
   total = a["warmup"] + a["iterations"]
-  rl = RLConfig(run_dir=os.path.join(a["work_dir"], "ours_run"), model_dir=model_dir, total_steps=total,
+  fields = dict(run_dir=os.path.join(a["work_dir"], "ours_run"), model_dir=model_dir, total_steps=total,
                 prompts_per_step=a["prompts"], num_generations=a["generations"], num_iterations=2,
                 num_minibatches=1, micro_batches=1, max_new_tokens=a["new_tokens"], temperature=1.0,
                 filter_zero_variance=False, eval_every=10 ** 9, save_every=10 ** 9, export_final=False,
-                seed=a["seed"], dtype="float32", param_dtype="float32", remat=False, **a["rl"])
+                seed=a["seed"], dtype="float32", param_dtype="float32", remat=False)
+  rl = RLConfig(**{**fields, **a["rl"]})  # --rl FIELD=VALUE overrides any of these
   loss = losses.LossConfig(loss_type="cispo", epsilon_high=5.0, kl_coef=0.0)
   optim = OptimConfig(learning_rate=a["lr"], schedule="constant", warmup_steps=0, weight_decay=0.0,
                       max_grad_norm=1.0)
