@@ -14,7 +14,6 @@ non-finite value is never written, so the last finite checkpoint is never rotate
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -178,7 +177,7 @@ def _fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return fp, finite
 
 
-@functools.partial(jax.jit)
+@jax.jit
 def _fingerprints(tree):
   pairs = [_fingerprint(x) for x in jax.tree.leaves(tree)]
   return jnp.stack([p for p, _ in pairs]), jnp.all(jnp.stack([f for _, f in pairs]))

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from cispo_jax import advantages as adv_lib
 from cispo_jax import data as data_lib
 from cispo_jax import losses, sampling, sharding
-from cispo_jax.checkpoint import Checkpointer, NonFiniteState, abstract_like
+from cispo_jax.checkpoint import Checkpointer, abstract_like
 from cispo_jax.compile_cache import CompileClock
 from cispo_jax.metrics import MetricWriter, plot_curves
 from cispo_jax.model import hf_io, logical_axes, param_shapes

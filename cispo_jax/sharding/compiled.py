@@ -70,8 +70,7 @@ def _batch(mesh, B, prompt_len, n):
 def compiled_memory(program: str, cfg: ModelConfig, mesh: Mesh, *, batch: int, prompt_len: int,
                     n_completion: int, loss=None, temperature: float = 1.0) -> CompiledMemory:
   """Compile `program` (see PROGRAMS) for `batch` global sequences of prompt_len + n_completion."""
-  from cispo_jax import losses, sampling, train_step as ts
-  from cispo_jax.trainer import batched_completion_logps
+  from cispo_jax import losses, train_step as ts
 
   if program not in PROGRAMS:
     raise ValueError(f"program={program!r}; allowed: {PROGRAMS}")
