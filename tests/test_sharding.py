@@ -233,6 +233,29 @@ def test_single_process_helpers(monkeypatch, batch):
   np.testing.assert_array_equal(np.asarray(tokens), batch[0])
 
 
+def _fake_cluster(name, present=True, count=2, opt_in=False):
+  def process_count():
+    if isinstance(count, Exception):
+      raise count
+    return count
+  return type(name, (), {"opt_in_only_method": opt_in, "is_env_present": staticmethod(lambda: present),
+                         "get_process_count": staticmethod(process_count)})
+
+
+@pytest.mark.parametrize("env,detected", [
+    (_fake_cluster("Slurm2"), True),
+    (_fake_cluster("Absent", present=False), False),
+    # mpi4py installed on a one-GPU machine: jax itself only uses it when asked to.
+    (_fake_cluster("Mpi4pyLike", opt_in=True), False),
+    (_fake_cluster("OneTask", count=1), False),
+    (_fake_cluster("NoCount", count=RuntimeError("no metadata server")), False),
+])
+def test_cluster_detection_needs_more_than_one_process(monkeypatch, env, detected):
+  from jax._src import clusters
+  monkeypatch.setattr(clusters.ClusterEnv, "_cluster_types", [env])
+  assert sharding.multihost._cluster_detected() is detected
+
+
 def test_two_processes_match_one_process(tmp_path, batch):
   mesh_arg = "data=1,fsdp=2,tensor=2"  # params split across the two processes
   mw.launch(2, lambda pid: ["--mesh", mesh_arg, "--out", str(tmp_path / f"p{pid}.npz")])

@@ -22,13 +22,31 @@ _CPU_COLLECTIVES = ("gloo", "mpi", "none")
 
 
 def _cluster_detected() -> bool:
-  """A managed multi-process environment (TPU VM/pod, SLURM, Open MPI, K8s) that
-  `jax.distributed.initialize()` configures by itself."""
+  """A managed multi-process environment (TPU pod, SLURM, Open MPI, K8s) that
+  `jax.distributed.initialize()` configures by itself, with more than one process in it.
+
+  As in jax's own auto-detection, an opt-in-only method is skipped: Mpi4pyCluster counts as
+  present wherever mpi4py is installed (it is on the one-GPU machines we measured on, and
+  jax.distributed then failed for want of a coordinator address). An environment that names
+  no process count above one is not one either: one process needs no runtime.
+  """
   try:
     from jax._src import clusters  # private: the same detection jax.distributed uses
-    return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types)
+    envs = [env for env in clusters.ClusterEnv._cluster_types
+            if not getattr(env, "opt_in_only_method", False) and env.is_env_present()]
   except Exception:  # pylint: disable=broad-except
     return False
+  for env in envs:
+    try:
+      count = env.get_process_count()
+    except Exception as e:  # pylint: disable=broad-except
+      log.warning("cluster environment %s detected but gives no process count (%s); running as one process",
+                  env.__name__, e)
+      continue
+    if count is not None and count > 1:
+      return True
+    log.info("cluster environment %s detected with %s process(es): running as one process", env.__name__, count)
+  return False
 
 
 def is_distributed_initialized() -> bool:
