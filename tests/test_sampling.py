@@ -256,3 +256,20 @@ def test_text_helpers_roundtrip():
   out = sampling.SampleOutput(None, None, np.array(rows), None, None, np.array([3, 6]),
                               np.array([True, False]))
   assert sampling.decode_completions(tok, out) == ["hi", "4+5=9?"]
+
+
+def test_decode_unrolled_on_gpu_samples_the_same(model, prompts, greedy_out):
+  """The GPU rule (layer loop unrolled in full) picks the same tokens as a scanned layer loop."""
+  import dataclasses
+  cfg, params = model
+  scanned = dataclasses.replace(cfg, scan_unroll=1)
+  assert scanned.layers_per_scan_step == 1
+  gpu = sampling.decode_model_config(dataclasses.replace(cfg, remat=True), "gpu")
+  assert gpu.layers_per_scan_step == cfg.num_layers
+  assert sampling.decode_model_config(scanned, "gpu") is scanned  # an explicit choice stays
+  assert sampling.decode_model_config(cfg, "cpu") is cfg
+  a, b = (generate(params, c, *prompts, jax.random.PRNGKey(0), SamplingConfig(greedy=True, **BASE))
+          for c in (scanned, gpu))
+  np.testing.assert_array_equal(a.tokens_BxN, b.tokens_BxN)
+  np.testing.assert_array_equal(a.tokens_BxN, greedy_out.tokens_BxN)
+  np.testing.assert_allclose(a.logps_BxN, b.logps_BxN, atol=1e-5)
