@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +48,10 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._mgr.all_steps())
 
-  def maybe_save(self, iteration: int, state: Any, host_state: dict, force: bool = False) -> bool:
+  def maybe_save(self, iteration: int, state: Any, host_state: dict | Callable[[], dict],
+                 force: bool = False) -> bool:
     """Save after `iteration` RL iterations if it is due (or forced). Returns whether it saved.
+    `host_state` may be a function, called only when a save happens.
 
     Raises NonFiniteState (saving nothing) when the state holds NaN or inf.
     """
@@ -62,7 +64,7 @@ class Checkpointer:
       raise NonFiniteState(
           f"the train state at iteration {iteration} holds non-finite values; not saving it (the last "
           f"checkpoint, {self.latest()}, stays the newest)")
-    host_state = {**host_state, "fingerprints": prints}
+    host_state = {**(host_state() if callable(host_state) else host_state), "fingerprints": prints}
     self._mgr.save(iteration, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        host=ocp.args.JsonSave(host_state)))
     log.info("checkpoint %d -> %s", iteration, self.directory)

@@ -20,7 +20,6 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from cispo_jax import advantages as adv_lib
 from cispo_jax import data as data_lib
@@ -30,10 +29,11 @@ from cispo_jax.compile_cache import CompileClock
 from cispo_jax.metrics import MetricWriter, plot_curves
 from cispo_jax.model import hf_io, logical_axes, param_shapes
 from cispo_jax.optim import OptimConfig, make_optimizer
+from cispo_jax.pipeline import Pipeline
+from cispo_jax.rollout import NativeEngine, Rollout, batched_completion_logps  # noqa: F401 (re-exported)
 from cispo_jax.task import Scorer, TaskConfig, make_sources
 from cispo_jax.update_plan import group_quantum, plan_update
-from cispo_jax.train_step import (RolloutBatch, StepConfig, TrainState, completion_logps, epoch_permutations,
-                                  update_on_rollout)
+from cispo_jax.train_step import RolloutBatch, StepConfig, TrainState, epoch_permutations, update_on_rollout
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,15 @@ class RLConfig:
   #   them on the host before the update, and a later minibatch needs the pre-update params: then the separate
   #   forward runs as before. logp_gap/sampler_vs_trainer is computed after the update then.
   old_logps_in_update: bool = True
+  # Pipelined off-policy RL (pipeline.py). The rollout of iteration i is sampled by the policy of iteration
+  # max(0, i - max_staleness) while the updates in between run; 0 = the synchronous loop (sample, then update).
+  max_staleness: int = 0
+  # > 0: the first rollout_devices devices sample (a rollout sub-mesh, FSDP over them) and the rest train
+  # (RLConfig's MeshConfig applies to those); weights are copied over after each update. 0 = colocated.
+  rollout_devices: int = 0
+  # The old log-probs of a stale rollout (the behaviour policy's): "recompute" = a training forward at the
+  # version that sampled it, on the rollout devices; "sampler" = the sampler's own log-probs.
+  behaviour_logps: str = "recompute"
 
   def __post_init__(self):
     positive = ("total_steps", "prompts_per_step", "num_generations", "num_iterations",
@@ -117,6 +126,19 @@ class RLConfig:
       raise ValueError(f"RLConfig.advantage={self.advantage!r}; allowed: {sorted(adv_lib.ADVANTAGE_ESTIMATORS)}")
     if not self.temperature > 0:
       raise ValueError(f"RLConfig.temperature={self.temperature}; must be > 0")
+    for name in ("max_staleness", "rollout_devices"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"RLConfig.{name}={getattr(self, name)}; must be >= 0")
+    if self.behaviour_logps not in BEHAVIOUR_LOGPS:
+      raise ValueError(f"RLConfig.behaviour_logps={self.behaviour_logps!r}; allowed: {list(BEHAVIOUR_LOGPS)}")
+
+  @property
+  def pipelined(self) -> bool:
+    """Rollouts come from a producer thread (pipeline.py) rather than in line."""
+    return self.max_staleness > 0 or self.rollout_devices > 0
+
+
+BEHAVIOUR_LOGPS = ("recompute", "sampler")
 
 
 def run_loss_config(loss: losses.LossConfig, rl: RLConfig) -> losses.LossConfig:
@@ -135,30 +157,18 @@ def _sampling_config(rl: RLConfig, tokenizer, *, greedy: bool, n: int) -> sampli
       prompt_buckets=tuple(rl.prompt_buckets))
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "n_completion", "temperature", "micro_batches"))
-def batched_completion_logps(params, tokens_BxL, kv_valid_BxL, *, model_cfg, n_completion: int,
-                             temperature: float, micro_batches: int):
-  """Training-forward log-probs of the completions, micro-batched like the update.
-
-  Module-level and keyed only on what shapes the program, so every Trainer in a process
-  (and the reference model) shares one compilation.
-  """
-  B, m = tokens_BxL.shape[0], micro_batches
-  def one(args):
-    return completion_logps(params, model_cfg, *args, n_completion, temperature)[0]
-  # Chunk j takes rows j, j+m, ...: the sharded batch axis stays leading (no communication).
-  chunks = tuple(x.reshape(B // m, m, -1).swapaxes(0, 1) for x in (tokens_BxL, kv_valid_BxL))
-  return jax.lax.map(one, chunks).swapaxes(0, 1).reshape(B, n_completion)
-
-
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; rerun the same command to resume
 
 
 class Trainer:
   def __init__(self, rl: RLConfig, loss: losses.LossConfig, optim: OptimConfig,
                mesh_cfg: sharding.MeshConfig, task: TaskConfig, operative_config: str = "",
-               devices=None, allow_config_change: bool = False):
+               devices=None, allow_config_change: bool = False, rollout_thread: bool | None = None):
+    """rollout_thread: rollouts from a producer thread (pipeline.py); default: RLConfig.pipelined. With
+    max_staleness 0 on the train mesh that thread runs in lock-step with the update and gives the
+    synchronous loop's result bit for bit (tests/test_pipeline.py)."""
     self.rl, self.loss_cfg, self.task = rl, run_loss_config(loss, rl), task
+    self.rollout_thread = rl.pipelined if rollout_thread is None else rollout_thread
     self.main = sharding.is_main_process()
     os.makedirs(rl.run_dir, exist_ok=True)
     self.ckpt = Checkpointer(os.path.join(rl.run_dir, "checkpoints"), rl.save_every, rl.keep_checkpoints)
@@ -167,7 +177,17 @@ class Trainer:
       record_operative_config(rl.run_dir, operative_config, resuming=resuming, allow_change=allow_config_change,
                               iteration=self.ckpt.latest(), write=self.main)
 
-    # --- mesh and model -------------------------------------------------------------------
+    # --- meshes and model: the train mesh, and the rollout sub-mesh if the devices are split ----------
+    devices = list(jax.devices() if devices is None else devices)
+    if rl.pipelined and jax.process_count() > 1:
+      raise ValueError("RLConfig.max_staleness > 0 and RLConfig.rollout_devices > 0 run on one process for now "
+                       f"(this run has {jax.process_count()}); use the synchronous loop across hosts")
+    rollout_devices = []
+    if rl.rollout_devices:
+      if rl.rollout_devices >= len(devices):
+        raise ValueError(f"RLConfig.rollout_devices={rl.rollout_devices} leaves no device to train on "
+                         f"({len(devices)} devices)")
+      rollout_devices, devices = devices[:rl.rollout_devices], devices[rl.rollout_devices:]
     self.mesh = sharding.make_mesh(mesh_cfg, devices)
     self.model_cfg = hf_io.load_config(rl.model_dir, **{k: getattr(rl, k) for k in hf_io.RUN_OVERRIDES})
     self.tokenizer = hf_io.load_tokenizer(rl.model_dir)
@@ -192,6 +212,17 @@ class Trainer:
     # Only a KL needs the reference; a copy, as each update donates the state's buffers.
     self.ref_params = jax.tree.map(jnp.copy, params) if self.loss_cfg.kl_coef else None
     self.batch_sharding = sharding.batch_sharding(self.mesh, 1)  # dim 0 over the data axes, any rank
+    # Eval samples on the train mesh with the current params; rollouts come from `self.engine`.
+    self.eval_engine = NativeEngine(self.model_cfg, self.tokenizer, self.mesh, self.param_shardings,
+                                    apply_chat_template=rl.apply_chat_template, copy_weights=False)
+    if rollout_devices:
+      rollout_mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1), rollout_devices)
+      self.engine = NativeEngine(self.model_cfg, self.tokenizer, rollout_mesh,
+                                 sharding.param_shardings(params_logical, shapes, rollout_mesh),
+                                 apply_chat_template=rl.apply_chat_template, copy_weights=True)
+    else:  # in lock-step (max_staleness 0) the sampler reads the trainer's own buffers, as it always did
+      self.engine = NativeEngine(self.model_cfg, self.tokenizer, self.mesh, self.param_shardings,
+                                 apply_chat_template=rl.apply_chat_template, copy_weights=rl.max_staleness > 0)
 
     # --- data, rewards ---------------------------------------------------------------------
     proc, nproc = jax.process_index(), jax.process_count()
@@ -218,7 +249,9 @@ class Trainer:
     self._logps = functools.partial(batched_completion_logps, model_cfg=self.model_cfg,
                                     temperature=rl.temperature, micro_batches=rl.micro_batches)
     # The old log-probs come out of the update's first forward when nothing needs them before it.
-    self.old_logps_in_update = rl.old_logps_in_update and rl.num_minibatches == 1 and rl.tis_cap == 0
+    # Not with stale rollouts: their old log-probs are the behaviour policy's, not the current params'.
+    self.old_logps_in_update = (rl.old_logps_in_update and rl.num_minibatches == 1 and rl.tis_cap == 0
+                                and rl.max_staleness == 0)
     update = functools.partial(update_on_rollout, cfg=self.step_cfg, tx=self.tx, schedule=self.schedule,
                                num_iterations=rl.num_iterations, num_minibatches=rl.num_minibatches,
                                old_from_first_step=self.old_logps_in_update)
@@ -239,6 +272,7 @@ class Trainer:
     self.iteration, self.eval_start = 0, None
     self.reward_events = {"errors": 0, "timeouts": 0}
     self.nonfinite_skips = {"total": 0, "consecutive": 0}
+    pending: list[Rollout] = []
     restored = self.ckpt.restore_latest_good(abstract_like(self.state))  # verified; bad ones moved aside
     if restored is not None:
       _, self.state, host = restored
@@ -246,7 +280,22 @@ class Trainer:
       self.stream.restore(host["data"])
       self.reward_events, self.eval_start = host["reward_events"], host["eval_start"]
       self.nonfinite_skips = host.get("nonfinite_skips", self.nonfinite_skips)
-      log.info("resumed from %s at iteration %d", self.ckpt.directory, self.iteration)
+      pending = [Rollout.from_json(r) for r in host.get("pending_rollouts", [])]
+      log.info("resumed from %s at iteration %d (%d rollouts in flight restored)", self.ckpt.directory,
+               self.iteration, len(pending))
+    self._stream_state = host["consumed_data"] if restored is not None and "consumed_data" in host else \
+        self.stream.state()  # after the prompts of the last rollout trained on
+    self._score_lock = threading.Lock()  # the rollout thread scores while eval may score too
+    self.pipeline = None
+    if self.rollout_thread:
+      # Rollouts older than the restored version come from the checkpoint; a run resumed without them (a
+      # checkpoint of the synchronous loop) samples its first rollouts with the restored version.
+      self.pipeline = Pipeline(self._make_rollout, self.engine, staleness=rl.max_staleness,
+                               first=self.iteration + len(pending), total=rl.total_steps,
+                               base_version=self.iteration if restored is not None and not pending else 0,
+                               pending=pending)
+      self.pipeline.publish(self.state.params, _to_host(self.state.rng), self.iteration)  # started by step()
+    self.update_intervals: list[tuple[float, float]] = []  # (start, end) of each update: overlap benchmark
     # Rows after the checkpoint (or all, when there is none) came from a dead attempt: dropped.
     self.writer = MetricWriter(rl.run_dir, enabled=self.main,
                                resume_from=self.iteration if restored is not None else None)
@@ -265,44 +314,47 @@ class Trainer:
   def _local_rows(self, total: int) -> slice:
     return sharding.process_batch_rows(self.mesh, total, self.batch_sharding)
 
-  def _generate(self, params, examples, key, cfg: sampling.SamplingConfig):
-    """Sample on the mesh; returns the outputs as host numpy arrays (the full global batch)."""
-    tok, mask = sampling.encode_prompts(self.tokenizer, [e.prompt for e in examples], cfg,
-                                        apply_chat_template=self.rl.apply_chat_template)
-    if jax.process_count() > 1:  # every process must feed the same bucket: the largest any of them needs
-      width = int(_allgather_host(np.array([tok.shape[1]])).max())
-      pad = ((0, 0), (width - tok.shape[1], 0))
-      tok, mask = np.pad(tok, pad, constant_values=cfg.pad_token_id), np.pad(mask, pad)
-    tok = sharding.host_local_batch_to_global(tok, self.mesh, self.batch_sharding)
-    mask = sharding.host_local_batch_to_global(mask, self.mesh, self.batch_sharding)
-    with jax.set_mesh(self.mesh):  # the model pins its activations' layout on this mesh
-      out = sampling.generate(params, self.model_cfg, tok, mask, key, cfg, batch_sharding=self.batch_sharding)
-    return jax.tree.map(_to_host, out)
-
-  def _score(self, out, examples, n: int):
+  def _score(self, engine: NativeEngine, out, examples, n: int):
     """Score this process's rows; every process gets all rewards (advantages are global)."""
-    rows = self._local_rows(out.tokens_BxN.shape[0])
+    rows = engine.local_rows(out.tokens_BxN.shape[0])
     local = jax.tree.map(lambda x: x[rows], out)
     texts = sampling.decode_completions(self.tokenizer, local)
     local_examples = [e for e in examples for _ in range(n)]
-    rewards, stats = self.scorer(texts, local_examples)
+    with self._score_lock:
+      rewards, stats = self.scorer(texts, local_examples)
     return _allgather_host(rewards.astype(np.float32)), stats
 
-  def _rollout(self, examples, key):
-    """Sample, score, and build the update batch. Returns (batch or None when no group carries signal,
-    metrics, extra inputs of the update, host data for the logp gap when the update computes the old
-    log-probs)."""
-    rl, n = self.rl, self.rl.num_generations
+  def _make_rollout(self, iteration: int, version: int, rng_data) -> Rollout:
+    """Draw the next prompts, sample them with policy `version`, score them; for a stale rollout
+    (version < iteration) also the behaviour policy's log-probs. In line, or on the rollout thread."""
+    rl = self.rl
+    examples = self.stream.next_batch()
+    stream_state = self.stream.state()
+    key = jax.random.fold_in(jax.random.wrap_key_data(np.asarray(rng_data)), iteration)
     t0 = time.perf_counter()
-    out = self._generate(self.state.params, examples, key, self.train_sampling)
+    out = self.engine.generate(examples, key, self.train_sampling, version=version)
     t1 = time.perf_counter()
-    rewards_B, stats = self._score(out, examples, n)
+    rewards_B, stats = self._score(self.engine, out, examples, rl.num_generations)
+    t2 = time.perf_counter()
+    behaviour = None
+    if version != iteration and rl.behaviour_logps == "recompute":
+      behaviour = self.engine.completion_logps(out, version=version, temperature=rl.temperature,
+                                               micro_batches=rl.micro_batches)
+    t3 = time.perf_counter()
+    return Rollout(iteration, version, out, rewards_B, dict(stats), behaviour, stream_state,
+                   {"rollout": t1 - t0, "reward": t2 - t1, "behaviour_logps": t3 - t2})
+
+  def _prepare(self, r: Rollout):
+    """Advantages and the update batch of a rollout. Returns (batch or None when no group carries
+    signal, metrics, extra inputs of the update, host data for the logp gap when the update computes
+    the old log-probs)."""
+    rl, n = self.rl, self.rl.num_generations
+    out, rewards_B, stats = r.out, r.rewards_B, r.stats
     for k in self.reward_events:
       self.reward_events[k] += int(stats.get(k, 0))
     adv_B = np.asarray(adv_lib.compute_advantages(rl.advantage, rewards_B, n), np.float32)
     keep_B = (np.asarray(adv_lib.zero_variance_mask(rewards_B, n)) if rl.filter_zero_variance
               else np.ones(rewards_B.shape, bool))
-    t2 = time.perf_counter()
 
     valid = np.asarray(out.mask_BxN, bool)
     metrics = {
@@ -316,17 +368,21 @@ class Trainer:
         "reward_events/timeouts": self.reward_events["timeouts"],
         "tokens/generated": float(valid.sum()),
     }
+    if self.rollout_thread:  # updates since the policy that sampled this rollout
+      metrics["pipeline/staleness"] = float(self.iteration - r.version)
     if len(self.task.reward_list()) > 1:  # each reward of a mix, on this process's rows
       metrics.update({f"reward/{name}": float(stats[f"{name}/mean"]) for name, _ in self.task.reward_list()})
     batch, extra, gap_data = None, (), None
     if keep_B.any():  # else no update, and nothing needs the log-probs
-      batch, extra, gap_data = self._update_batch(out, adv_B, keep_B, metrics)
-    t3 = time.perf_counter()
-    metrics.update({"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/logps_s": t3 - t2})
+      behaviour = None
+      if r.version != self.iteration:  # stale: the old log-probs are the behaviour policy's
+        behaviour = r.behaviour_logps_BxN if r.behaviour_logps_BxN is not None else np.asarray(out.logps_BxN)
+      batch, extra, gap_data = self._update_batch(out, adv_B, keep_B, metrics, behaviour)
     return batch, metrics, extra, gap_data
 
-  def _update_batch(self, out, adv_B, keep_B, metrics):
-    """The update's rows and width (plan_update), then the old / reference log-probs on just those."""
+  def _update_batch(self, out, adv_B, keep_B, metrics, behaviour_BxN=None):
+    """The update's rows and width (plan_update), then the old / reference log-probs on just those.
+    behaviour_BxN: a stale rollout's old log-probs (host, full width); else they come from the current params."""
     rl, n = self.rl, self.rl.num_generations
     perms = _to_host(self._perms(self.state.rng)[1]) if rl.compact_groups else None  # the update's shuffle
     plan = plan_update(keep_B[::n], np.asarray(out.mask_BxN, bool), perms, num_generations=n,
@@ -345,8 +401,11 @@ class Trainer:
     mask = np.asarray(out.mask_BxN, np.float32)[r, :w] * np.asarray(keep_B, np.float32)[r, None]
     sampler_logps = np.asarray(out.logps_BxN, np.float32)[r, :w]
     with jax.set_mesh(self.mesh):
-      old_logps = (None if self.old_logps_in_update
-                   else self._logps(self.state.params, tokens, kv_valid, n_completion=w))
+      if behaviour_BxN is not None:
+        old_logps = self._global(np.ascontiguousarray(np.asarray(behaviour_BxN, np.float32)[r, :w]))
+      else:
+        old_logps = (None if self.old_logps_in_update
+                     else self._logps(self.state.params, tokens, kv_valid, n_completion=w))
       ref_logps = (self._logps(self.ref_params, tokens, kv_valid, n_completion=w)
                    if self.ref_params is not None else None)
     jax.block_until_ready((old_logps, ref_logps))
@@ -369,15 +428,29 @@ class Trainer:
   def step(self) -> dict:
     """One RL iteration. Returns its metrics."""
     t0 = time.perf_counter()
-    examples = self.stream.next_batch()
-    rng = jax.random.wrap_key_data(_to_host(self.state.rng))
-    sample_key = jax.random.fold_in(rng, self.iteration)
-    batch, metrics, extra, gap_data = self._rollout(examples, sample_key)
+    if self.pipeline is None:  # in line: sample with the current params, then update
+      self.engine.load_weights(self.state.params, self.iteration)  # colocated: the same buffers, no copy
+      rollout = self._make_rollout(self.iteration, self.iteration, _to_host(self.state.rng))
+      self.engine.release_below(self.iteration + 1)
+      seconds = rollout.seconds
+    else:  # the rollout thread made it (or is making it): the wait is this iteration's rollout time
+      if not self.pipeline.started:
+        self.pipeline.start()
+      rollout = self.pipeline.take(self.iteration)
+      seconds = {"rollout": time.perf_counter() - t0, "reward": 0.0, "behaviour_logps": 0.0}
     t1 = time.perf_counter()
+    batch, metrics, extra, gap_data = self._prepare(rollout)
+    t2 = time.perf_counter()
+    metrics.update({"time/rollout_s": seconds["rollout"], "time/reward_s": seconds["reward"],
+                    "time/logps_s": seconds["behaviour_logps"] + t2 - t1})
+    if self.pipeline is not None:  # the rollout thread's own seconds for this rollout
+      metrics.update({f"pipeline/{k}_s": v for k, v in rollout.seconds.items()})
     if batch is not None:
+      t_update = time.perf_counter()
       with jax.set_mesh(self.mesh):
         self.state, step_metrics, *old_logps = self._update(self.state, batch, *extra)
       step_metrics = {k: _to_host(v) for k, v in step_metrics.items()}  # one entry per optimizer step
+      self.update_intervals.append((t_update, time.perf_counter()))
       if gap_data is not None:  # the old log-probs came from the update's first forward
         metrics["logp_gap/sampler_vs_trainer"] = _logp_gap(_to_host(old_logps[0]), *gap_data)
       self._count_nonfinite(step_metrics.get("skipped_nonfinite"))
@@ -385,11 +458,14 @@ class Trainer:
       metrics.update({f"train/{k}": float(reduce.get(k, np.mean)(v)) for k, v in step_metrics.items()})
     metrics["train/skipped_no_signal"] = float(batch is None)
     metrics["train/nonfinite_skips_total"] = self.nonfinite_skips["total"]
-    t2 = time.perf_counter()
-    metrics["time/update_s"] = t2 - t1
-    metrics["time/step_s"] = t2 - t0
-    metrics["tokens/per_s"] = metrics["tokens/generated"] / max(t2 - t0, 1e-9)
     self.iteration += 1
+    self._stream_state = rollout.stream_state
+    if self.pipeline is not None:  # the new version, to the rollout engine if a rollout to come needs it
+      self.pipeline.publish(self.state.params, _to_host(self.state.rng), self.iteration)
+    t3 = time.perf_counter()
+    metrics["time/update_s"] = t3 - t2
+    metrics["time/step_s"] = t3 - t0
+    metrics["tokens/per_s"] = metrics["tokens/generated"] / max(t3 - t0, 1e-9)
     return metrics
 
   def _count_nonfinite(self, skipped_S):
@@ -414,18 +490,29 @@ class Trainer:
 
   # --- eval --------------------------------------------------------------------------------
   def evaluate(self) -> float:
-    """Held-out greedy pass@1 (first reward >= 1 counts as a pass)."""
+    """Held-out greedy pass@1 (first reward >= 1 counts as a pass), on the train mesh."""
     examples = self.eval_examples
-    out = self._generate(self.state.params, examples, jax.random.PRNGKey(0), self.eval_sampling)
-    rows = self._local_rows(out.tokens_BxN.shape[0])
+    out = self.eval_engine.generate(examples, jax.random.PRNGKey(0), self.eval_sampling, params=self.state.params)
+    rows = self.eval_engine.local_rows(out.tokens_BxN.shape[0])
     texts = sampling.decode_completions(self.tokenizer, jax.tree.map(lambda x: x[rows], out))
-    correct = self.scorer.passed(texts, examples).astype(np.float32)
+    with self._score_lock:
+      correct = self.scorer.passed(texts, examples).astype(np.float32)
     return float(_allgather_host(correct).mean())
 
   # --- the run -----------------------------------------------------------------------------
   def _host_state(self) -> dict:
-    return {"iteration": self.iteration, "data": self.stream.state(), "reward_events": self.reward_events,
-            "eval_start": self.eval_start, "nonfinite_skips": dict(self.nonfinite_skips)}
+    """What a checkpoint keeps beside the train state. Pipelined: also the rollouts the next iterations
+    train on that older versions sampled (waits for them), and the prompt position after them."""
+    state = {"iteration": self.iteration, "data": self._stream_state, "reward_events": self.reward_events,
+             "eval_start": self.eval_start, "nonfinite_skips": dict(self.nonfinite_skips)}
+    if self.pipeline is not None:
+      if not self.pipeline.started:  # a save before the first iteration (a signal came early)
+        self.pipeline.start()
+      pending = self.pipeline.pending(self.iteration, min(self.iteration + self.rl.max_staleness, self.rl.total_steps))
+      state.update(pending_rollouts=[r.to_json() for r in pending], consumed_data=self._stream_state)
+      if pending:
+        state["data"] = pending[-1].stream_state
+    return state
 
   def _on_signal(self, signum, frame):
     name = signal.Signals(signum).name
@@ -471,14 +558,14 @@ class Trainer:
         self.time_totals[k] = self.time_totals.get(k, 0.0) + metrics[f"time/{k}_s"]
       self.writer.write(self.iteration, metrics)
       t_prev = time.perf_counter()
-      self.ckpt.maybe_save(self.iteration, self.state, self._host_state())
+      self.ckpt.maybe_save(self.iteration, self.state, self._host_state)
       save_s = time.perf_counter() - t_prev
       bar.update(1)
       bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", loss=f"{metrics.get('train/loss', 0):.3g}",
                       eval_pass1=f"{self.eval_start if last_eval is None else last_eval:.3f}")
     bar.close()
     finished = self.iteration >= rl.total_steps
-    self.ckpt.maybe_save(self.iteration, self.state, self._host_state(), force=True)  # no-op if saved
+    self.ckpt.maybe_save(self.iteration, self.state, self._host_state, force=True)  # no-op if saved
     self.ckpt.wait()
     summary = {"eval_start": self.eval_start, "iterations": self.iteration,
                "seconds": time.perf_counter() - t_start, "reward_events": dict(self.reward_events),
@@ -504,6 +591,8 @@ class Trainer:
     return summary
 
   def close(self):
+    if self.pipeline is not None:
+      self.pipeline.close()
     self.compile_clock.close()
     for sig, old in self._handlers.items():
       signal.signal(sig, old)
@@ -567,18 +656,7 @@ def _logp_gap(old_BxN, sampler_BxN, loss_mask_BxN) -> float:
   return float(np.abs(old_BxN - sampler_BxN)[loss_mask_BxN].mean()) if loss_mask_BxN.any() else 0.0
 
 
-def _to_host(x) -> np.ndarray:
-  """The full value of an array on this host (gathered from the other processes if needed)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
-def _allgather_host(local: np.ndarray) -> np.ndarray:
-  """Concatenate every process's host array (in process order) on every process."""
-  if jax.process_count() == 1:
-    return local
-  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+_to_host, _allgather_host = sharding.to_host, sharding.allgather_host
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -11,6 +11,6 @@ from cispo_jax.sharding.memory import QWEN25, MemoryPlan, param_count, plan_memo
 from cispo_jax.sharding.mesh import (AXES, BATCH_AXES, CACHE_AXES, RULES, MeshConfig, axis_sizes,
                                      batch_sharding, cache_sharding, make_mesh, optimizer_logical_axes,
                                      param_shardings, replicated, resolve_spec, shard_init, shard_shape)
-from cispo_jax.sharding.multihost import (host_local_batch_to_global, initialize_distributed,
+from cispo_jax.sharding.multihost import (allgather_host, host_local_batch_to_global, initialize_distributed,
                                           is_distributed_initialized, is_main_process, process_batch_rows,
-                                          wait_for_all_processes)
+                                          to_host, wait_for_all_processes)

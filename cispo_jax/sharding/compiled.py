@@ -9,7 +9,7 @@ checked on a laptop before a pod is booked. `plan_memory` (memory.py) is validat
   "loss_grad"   jax.value_and_grad of the training loss (train_step._loss_fn): the activation
                 memory of the update, without the optimizer
   "train_step"  one optimizer step (loss, grads, AdamW), the state donated as in the trainer
-  "logps"       the old-log-prob forward (trainer.batched_completion_logps)
+  "logps"       the old-log-prob forward (rollout.batched_completion_logps)
   "sampler"     prefill + decode of the rollout (sampling._generate_core)
 """
 
@@ -84,7 +84,7 @@ def compiled_memory(program: str, cfg: ModelConfig, mesh: Mesh, *, batch: int, p
 
 def _compile(program, cfg, mesh, params, step_cfg, batch, prompt_len, n_completion, temperature):
   from cispo_jax import sampling, train_step as ts
-  from cispo_jax.trainer import batched_completion_logps
+  from cispo_jax.rollout import batched_completion_logps
 
   t0 = time.perf_counter()
   shardings = param_shardings(logical_axes(cfg), param_shapes(cfg), mesh)

@@ -134,3 +134,19 @@ def host_local_batch_to_global(local_np_array, mesh: Mesh, sharding: NamedShardi
   sharding = sharding or batch_sharding(mesh, local.ndim)
   # The global shape is inferred: local rows x (batch shards / this process's shards).
   return jax.make_array_from_process_local_data(sharding, local)
+
+
+def to_host(x) -> np.ndarray:
+  """The full value of an array on this host (gathered from the other processes if needed)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def allgather_host(local: np.ndarray) -> np.ndarray:
+  """Concatenate every process's host array (in process order) on every process."""
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(local, tiled=True))

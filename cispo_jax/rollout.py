@@ -1,0 +1,191 @@
+"""Where rollouts come from: the engine interface, the native jitted engine, and the rollout record.
+
+A `RolloutEngine` holds one version of the policy's weights and samples completions with them:
+
+    engine.load_weights(params, version)              # the trainer's params after `version` RL iterations
+    out = engine.generate(examples, key, cfg, version=v)   # SampleOutput, host numpy arrays (global batch)
+    logps = engine.completion_logps(out, version=v, ...)   # the behaviour policy's training-forward log-probs
+    engine.release_below(v)                           # older versions are done with
+
+The trainer talks to nothing else, so another engine (a vLLM / sglang-jax server, a remote slice)
+only has to implement these four methods. `NativeEngine` is the jitted sampler
+(`sampling.generate`) on a device mesh: the trainer's own mesh (colocated: the devices take turns)
+or a rollout sub-mesh of other devices (disaggregated: weights are copied over after each update,
+with the rollout mesh's shardings, and sampling runs while the train mesh updates).
+
+A `Rollout` is one iteration's sampled and scored batch on the host, with the policy version that
+sampled it. It serialises to JSON (arrays as base64) so a pipelined run can checkpoint the
+rollouts that are in flight (pipeline.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import threading
+from typing import Any, Protocol, Sequence
+
+import jax
+import numpy as np
+
+from cispo_jax import sampling, sharding
+from cispo_jax.model import ModelConfig
+from cispo_jax.train_step import completion_logps
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "n_completion", "temperature", "micro_batches"))
+def batched_completion_logps(params, tokens_BxL, kv_valid_BxL, *, model_cfg, n_completion: int,
+                             temperature: float, micro_batches: int):
+  """Training-forward log-probs of the completions, micro-batched like the update.
+
+  Module-level and keyed only on what shapes the program, so every Trainer in a process
+  (and the reference model) shares one compilation.
+  """
+  B, m = tokens_BxL.shape[0], micro_batches
+  def one(args):
+    return completion_logps(params, model_cfg, *args, n_completion, temperature)[0]
+  # Chunk j takes rows j, j+m, ...: the sharded batch axis stays leading (no communication).
+  chunks = tuple(x.reshape(B // m, m, -1).swapaxes(0, 1) for x in (tokens_BxL, kv_valid_BxL))
+  return jax.lax.map(one, chunks).swapaxes(0, 1).reshape(B, n_completion)
+
+
+class RolloutEngine(Protocol):
+  """What the trainer needs from whatever samples the rollouts: versioned weights in, samples out."""
+
+  def load_weights(self, params: Any, version: int) -> None:
+    """Take the trainer's params after `version` RL iterations. The caller may donate `params` to the
+    next update as soon as this returns, so an engine that keeps them past that copies them."""
+
+  def generate(self, examples: Sequence[Any], key: jax.Array, cfg: sampling.SamplingConfig, *,
+               version: int) -> sampling.SampleOutput:
+    """Completions of `examples` by policy `version`, as host numpy arrays of the global batch."""
+
+  def completion_logps(self, out: sampling.SampleOutput, *, version: int, temperature: float,
+                       micro_batches: int) -> np.ndarray:
+    """The training forward's log-probs [B, N] of `out`'s completions under policy `version`."""
+
+  def release_below(self, version: int) -> None:
+    """Versions older than `version` will not be asked for again."""
+
+
+class NativeEngine:
+  """cispo_jax's jitted sampler on a mesh: the trainer's own (colocated) or a rollout sub-mesh.
+
+  `copy_weights=False` (colocated, lock-step with the update: max_staleness 0) samples with the
+  trainer's own buffers, as the synchronous loop always did. Otherwise load_weights copies them:
+  a jitted copy on the same devices, or a transfer to this mesh's devices with its own shardings
+  (device_put), finished before it returns, since the next update donates the source buffers.
+  Weights are kept per version until release_below drops them.
+  """
+
+  def __init__(self, model_cfg: ModelConfig, tokenizer, mesh, param_shardings, *, apply_chat_template: bool,
+               copy_weights: bool):
+    self.model_cfg, self.tokenizer, self.mesh = model_cfg, tokenizer, mesh
+    self.param_shardings, self.apply_chat_template = param_shardings, apply_chat_template
+    self.batch_sharding = sharding.batch_sharding(mesh, 1)
+    self.copy_weights = copy_weights
+    self._weights: dict[int, Any] = {}
+    self._lock = threading.Lock()  # load_weights (trainer thread) vs generate (a producer thread)
+    self._copy = jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p), out_shardings=param_shardings)
+
+  def load_weights(self, params, version: int) -> None:
+    if self.copy_weights:
+      leaf = jax.tree.leaves(params)[0]
+      same = set(leaf.sharding.device_set) == set(self.mesh.devices.flat)
+      params = self._copy(params) if same else jax.device_put(params, self.param_shardings)
+      jax.block_until_ready(params)
+    with self._lock:
+      self._weights[version] = params
+
+  def weights(self, version: int):
+    with self._lock:
+      if version not in self._weights:
+        raise KeyError(f"rollout engine: policy version {version} not loaded (have {sorted(self._weights)})")
+      return self._weights[version]
+
+  def versions(self) -> list[int]:
+    with self._lock:
+      return sorted(self._weights)
+
+  def release_below(self, version: int) -> None:
+    with self._lock:
+      for v in [v for v in self._weights if v < version]:
+        del self._weights[v]
+
+  def local_rows(self, total: int) -> slice:
+    return sharding.process_batch_rows(self.mesh, total, self.batch_sharding)
+
+  def generate(self, examples, key, cfg: sampling.SamplingConfig, *, version: int | None = None,
+               params=None) -> sampling.SampleOutput:
+    """Sample on this engine's mesh with policy `version` (or `params`, which must live on this mesh);
+    the outputs come back as host numpy arrays of the full global batch."""
+    params = self.weights(version) if params is None else params
+    tok, mask = sampling.encode_prompts(self.tokenizer, [e.prompt for e in examples], cfg,
+                                        apply_chat_template=self.apply_chat_template)
+    if jax.process_count() > 1:  # every process must feed the same bucket: the largest any of them needs
+      width = int(sharding.allgather_host(np.array([tok.shape[1]])).max())
+      pad = ((0, 0), (width - tok.shape[1], 0))
+      tok, mask = np.pad(tok, pad, constant_values=cfg.pad_token_id), np.pad(mask, pad)
+    tok = sharding.host_local_batch_to_global(tok, self.mesh, self.batch_sharding)
+    mask = sharding.host_local_batch_to_global(mask, self.mesh, self.batch_sharding)
+    with jax.set_mesh(self.mesh):  # the model pins its activations' layout on this mesh
+      out = sampling.generate(params, self.model_cfg, tok, mask, key, cfg, batch_sharding=self.batch_sharding)
+    return jax.tree.map(sharding.to_host, out)
+
+  def completion_logps(self, out: sampling.SampleOutput, *, version: int, temperature: float,
+                       micro_batches: int) -> np.ndarray:
+    """At full completion width; the behaviour policy's log-probs of a stale rollout."""
+    tokens = np.concatenate([out.prompt_tokens_BxP, out.tokens_BxN], 1).astype(np.int32)
+    kv_valid = np.concatenate([out.prompt_mask_BxP, out.mask_BxN], 1).astype(bool)
+    put = lambda x: jax.make_array_from_callback(x.shape, self.batch_sharding, lambda idx: x[idx])  # noqa: E731
+    with jax.set_mesh(self.mesh):
+      logps = batched_completion_logps(self.weights(version), put(tokens), put(kv_valid), model_cfg=self.model_cfg,
+                                       n_completion=out.tokens_BxN.shape[1], temperature=temperature,
+                                       micro_batches=micro_batches)
+    return sharding.to_host(logps)
+
+
+@dataclasses.dataclass
+class Rollout:
+  """One iteration's rollout on the host: sampled by policy `version`, trained on at `iteration`."""
+
+  iteration: int
+  version: int
+  out: sampling.SampleOutput  # host numpy arrays, the global batch
+  rewards_B: np.ndarray  # every process's rows (all-gathered)
+  stats: dict  # the reward worker's counts (errors, timeouts) and per-reward means, this process's rows
+  behaviour_logps_BxN: np.ndarray | None  # training-forward log-probs at `version` (stale rollouts only)
+  stream_state: dict  # the prompt stream's state after this rollout's prompts were drawn
+  seconds: dict  # time/<phase>_s spent making it: rollout (sampling), reward, logps (behaviour forward)
+
+  def to_json(self) -> dict:
+    return {"iteration": self.iteration, "version": self.version, "out": _encode(self.out._asdict()),
+            "rewards_B": _encode(self.rewards_B), "stats": self.stats,
+            "behaviour_logps_BxN": _encode(self.behaviour_logps_BxN), "stream_state": self.stream_state,
+            "seconds": self.seconds}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Rollout":
+    return cls(iteration=int(d["iteration"]), version=int(d["version"]),
+               out=sampling.SampleOutput(**_decode(d["out"])), rewards_B=_decode(d["rewards_B"]),
+               stats=dict(d["stats"]), behaviour_logps_BxN=_decode(d["behaviour_logps_BxN"]),
+               stream_state=dict(d["stream_state"]), seconds=dict(d["seconds"]))
+
+
+def _encode(x):
+  """Arrays (also inside dicts) as {dtype, shape, base64 bytes}: exact, and a tenth of JSON lists' size."""
+  if x is None:
+    return None
+  if isinstance(x, dict):
+    return {k: _encode(v) for k, v in x.items()}
+  a = np.ascontiguousarray(x)
+  return {"dtype": str(a.dtype), "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def _decode(d):
+  if d is None:
+    return None
+  if "b64" not in d:
+    return {k: _decode(v) for k, v in d.items()}
+  return np.frombuffer(base64.b64decode(d["b64"]), dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()

@@ -1,0 +1,167 @@
+"""Pipelined off-policy RL (pipeline.py): the lock-step pipeline is the synchronous loop bit for bit,
+stale rollouts are trained on with the behaviour policy's log-probs, a rollout sub-mesh gets the
+trainer's weights exactly, and a pipelined run resumes exactly from its checkpoints."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from cispo_jax import data, losses
+from cispo_jax.checkpoint import Checkpointer, abstract_like
+from cispo_jax.metrics import read_metrics
+from cispo_jax.model.tiny import build_char_tokenizer, make_tiny_model_dir
+from cispo_jax.optim import OptimConfig
+from cispo_jax.rollout import Rollout
+from cispo_jax.sharding import MeshConfig
+from cispo_jax.task import TaskConfig
+from cispo_jax.trainer import RLConfig, Trainer
+
+# A length bonus beside the answer check gives every group reward variance (tests/user_reward_fns.py).
+TASK = TaskConfig(task="arithmetic", task_args={"max_operand": 9}, train_size=64, eval_size=8,
+                  rewards=(("final_numeric", 1.0), ("user_reward_fns:length_bonus", 0.1)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tiny_policy"))
+  return make_tiny_model_dir(path, "qwen2", tokenizer=build_char_tokenizer(data.ALPHABET), hidden_size=32,
+                             num_layers=1, num_heads=2, num_kv_heads=1, seed=0)
+
+
+def _rl(model_dir, run_dir, **kw):
+  base = dict(run_dir=str(run_dir), model_dir=model_dir, total_steps=4, prompts_per_step=4, num_generations=4,
+              num_iterations=1, num_minibatches=1, max_new_tokens=4, eval_every=2, eval_size=8, save_every=2,
+              export_final=False)
+  base.update(kw)
+  return RLConfig(**base)
+
+
+def _trainer(rl, devices=1, mesh=MeshConfig(data=1, fsdp=1, tensor=1), **kw):
+  return Trainer(rl, losses.LossConfig(), OptimConfig(learning_rate=1e-2), mesh, TASK,
+                 devices=jax.devices()[:devices], **kw)
+
+
+def _host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _comparable(rows):
+  return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens/per_s", "pipeline/"))} for r in rows]
+
+
+def _run(trainer, **kw):
+  try:
+    return trainer.run(**kw)
+  finally:
+    trainer.close()
+
+
+def test_lock_step_pipeline_is_the_synchronous_loop_bit_for_bit(model_dir, tmp_path):
+  sync = _trainer(_rl(model_dir, tmp_path / "sync"))
+  piped = _trainer(_rl(model_dir, tmp_path / "piped"), rollout_thread=True)
+  assert sync.pipeline is None and piped.pipeline is not None
+  _run(sync), _run(piped)
+  for a, b in zip(jax.tree.leaves(_host(sync.state)), jax.tree.leaves(_host(piped.state))):
+    np.testing.assert_array_equal(a, b)
+  rows_sync, rows_piped = read_metrics(str(tmp_path / "sync")), read_metrics(str(tmp_path / "piped"))
+  assert _comparable(rows_sync) == _comparable(rows_piped)
+  assert [r["pipeline/staleness"] for r in rows_piped if "pipeline/staleness" in r] == [0.0] * 4
+
+
+@pytest.mark.parametrize("behaviour", ["recompute", "sampler"])
+def test_stale_rollouts_train_with_the_behaviour_policy(model_dir, tmp_path, behaviour):
+  """s = 2: rollout i is sampled by version max(0, i - 2); one optimizer step per rollout, so with
+  s = 0 the ratio would be exactly 1, and here it departs from 1 once the rollout is stale."""
+  trainer = _trainer(_rl(model_dir, tmp_path, total_steps=5, max_staleness=2, behaviour_logps=behaviour))
+  versions = []
+  make = trainer._make_rollout
+  trainer.pipeline._make = lambda i, v, rng: versions.append((i, v)) or make(i, v, rng)
+  _run(trainer)
+  assert versions == [(0, 0), (1, 0), (2, 0), (3, 1), (4, 2)]
+  rows = [r for r in read_metrics(str(tmp_path)) if "pipeline/staleness" in r]
+  assert [r["pipeline/staleness"] for r in rows] == [0.0, 1.0, 2.0, 2.0, 2.0]
+  for r in rows:
+    assert "train/ratio_max" in r, r
+    departure = max(r["train/ratio_max"] - 1, 1 - r["train/ratio_min"])
+    if r["pipeline/staleness"] == 0:
+      assert departure < 1e-5, r
+    else:
+      assert departure > 1e-3, r
+
+
+def test_rollout_sub_mesh_gets_the_trainers_weights_at_each_version(model_dir, tmp_path):
+  """4 devices sample, 4 train (FSDP); the rollout engine's copy of each version equals the trainer's."""
+  rl = _rl(model_dir, tmp_path, total_steps=4, max_staleness=1, rollout_devices=4, prompts_per_step=8)
+  trainer = _trainer(rl, devices=8, mesh=MeshConfig(data=1, fsdp=4, tensor=1))
+  assert {d.id for d in trainer.engine.mesh.devices.flat}.isdisjoint({d.id for d in trainer.mesh.devices.flat})
+  published, compared = {0: _host(trainer.state.params)}, []
+  publish = trainer.pipeline.publish
+
+  def record(params, rng, version):
+    if trainer.pipeline.needs(version):
+      published[version] = _host(params)
+    publish(params, rng, version)
+
+  generate = trainer.engine.generate
+
+  def check(examples, key, cfg, *, version=None, params=None):
+    held = _host(trainer.engine.weights(version))
+    for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(published[version])):
+      np.testing.assert_array_equal(a, b)
+    leaf = jax.tree.leaves(trainer.engine.weights(version))[0]
+    assert leaf.sharding.mesh.devices.size == 4 and set(leaf.sharding.device_set) <= set(trainer.engine.mesh.devices.flat)
+    compared.append(version)
+    return generate(examples, key, cfg, version=version, params=params)
+
+  trainer.pipeline.publish, trainer.engine.generate = record, check
+  _run(trainer)
+  assert compared == [0, 0, 1, 2]
+
+
+def test_pipelined_run_resumes_exactly(model_dir, tmp_path):
+  """Stopped after iteration 2 (checkpoint 2 holds rollouts 2 and 3, sampled by versions 0 and 1),
+  then resumed: the same params and metrics as a run straight through."""
+  kw = dict(total_steps=6, max_staleness=2, save_every=2)
+  full = _trainer(_rl(model_dir, tmp_path / "full", **kw))
+  _run(full)
+  part = _trainer(_rl(model_dir, tmp_path / "part", **kw))
+  _run(part, stop_after=2)
+  _, host = Checkpointer(str(tmp_path / "part" / "checkpoints"), save_every=2).restore(2, abstract_like(part.state))
+  held = [Rollout.from_json(r) for r in host["pending_rollouts"]]
+  assert [(r.iteration, r.version) for r in held] == [(2, 0), (3, 1)]
+  resumed = _trainer(_rl(model_dir, tmp_path / "part", **kw))
+  assert resumed.iteration == 2 and resumed.pipeline.first == 4
+  _run(resumed)
+  for a, b in zip(jax.tree.leaves(_host(full.state)), jax.tree.leaves(_host(resumed.state))):
+    np.testing.assert_array_equal(a, b)
+  assert _comparable(read_metrics(str(tmp_path / "full"))) == _comparable(read_metrics(str(tmp_path / "part")))
+
+
+def test_pipeline_config_errors_name_the_field(model_dir, tmp_path):
+  with pytest.raises(ValueError, match="max_staleness"):
+    RLConfig(max_staleness=-1)
+  with pytest.raises(ValueError, match="behaviour_logps"):
+    RLConfig(behaviour_logps="trainer")
+  with pytest.raises(ValueError, match="rollout_devices=8 leaves no device"):
+    _trainer(_rl(model_dir, tmp_path, rollout_devices=8), devices=8)
+
+
+def test_rollout_record_round_trips_through_json():
+  rng = np.random.default_rng(0)
+  from cispo_jax.sampling import SampleOutput
+  out = SampleOutput(*(rng.integers(0, 9, (4, 3)).astype(np.int32) for _ in range(4)),
+                     rng.standard_normal((4, 3)).astype(np.float32), np.array([3, 1, 2, 3], np.int32),
+                     np.array([True, False, True, True]))
+  r = Rollout(5, 3, out, rng.standard_normal(4).astype(np.float32), {"errors": 0}, None, {"epoch": 0, "position": 8},
+              {"rollout": 0.5})
+  back = Rollout.from_json(json.loads(json.dumps(r.to_json())))
+  for a, b in zip(dataclasses.astuple(back)[:2], dataclasses.astuple(r)[:2]):
+    assert a == b
+  for a, b in zip(back.out, r.out):
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype
+  np.testing.assert_array_equal(back.rewards_B, r.rewards_B)
+  assert back.behaviour_logps_BxN is None and back.stream_state == r.stream_state
