@@ -295,7 +295,9 @@ class Trainer:
                                base_version=self.iteration if restored is not None and not pending else 0,
                                pending=pending)
       self.pipeline.publish(self.state.params, _to_host(self.state.rng), self.iteration)  # started by step()
-    self.update_intervals: list[tuple[float, float]] = []  # (start, end) of each update: overlap benchmark
+    # (start, end) perf_counter seconds of each update and each rollout made (benchmarks/bench_pipeline.py)
+    self.update_intervals: list[tuple[float, float]] = []
+    self._inline_rollouts: list[tuple[float, float]] = []
     # Rows after the checkpoint (or all, when there is none) came from a dead attempt: dropped.
     self.writer = MetricWriter(rl.run_dir, enabled=self.main,
                                resume_from=self.iteration if restored is not None else None)
@@ -305,6 +307,10 @@ class Trainer:
     if threading.current_thread() is threading.main_thread():
       # A preemptible VM's SIGTERM, or Ctrl-C: finish the iteration, save, exit (handlers undone by close()).
       self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+  @property
+  def rollout_intervals(self) -> list[tuple[float, float]]:
+    return self.pipeline.busy if self.pipeline is not None else self._inline_rollouts
 
   # --- one iteration -----------------------------------------------------------------------
   def _global(self, x: np.ndarray) -> jax.Array:
@@ -432,6 +438,7 @@ class Trainer:
       self.engine.load_weights(self.state.params, self.iteration)  # colocated: the same buffers, no copy
       rollout = self._make_rollout(self.iteration, self.iteration, _to_host(self.state.rng))
       self.engine.release_below(self.iteration + 1)
+      self._inline_rollouts.append((t0, time.perf_counter()))
       seconds = rollout.seconds
     else:  # the rollout thread made it (or is making it): the wait is this iteration's rollout time
       if not self.pipeline.started:
