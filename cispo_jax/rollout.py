@@ -13,9 +13,10 @@ only has to implement these four methods. `NativeEngine` is the jitted sampler
 or a rollout sub-mesh of other devices (disaggregated: weights are copied over after each update,
 with the rollout mesh's shardings, and sampling runs while the train mesh updates).
 
-A `Rollout` is one iteration's sampled and scored batch on the host, with the policy version that
-sampled it. It serialises to JSON (arrays as base64) so a pipelined run can checkpoint the
-rollouts that are in flight (pipeline.py).
+A `Rollout` is one iteration's sampled and scored batch with the policy version that sampled it. Its
+arrays stay on the devices that sampled them: each process fetches only its own rows to decode and
+score, and only the reward vector is all-gathered. It serialises to JSON (arrays as base64) so a
+pipelined run can checkpoint the rollouts that are in flight (pipeline.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import threading
 from typing import Any, Protocol, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cispo_jax import sampling, sharding
@@ -117,9 +119,10 @@ class NativeEngine:
     return sharding.process_batch_rows(self.mesh, total, self.batch_sharding)
 
   def generate(self, examples, key, cfg: sampling.SamplingConfig, *, version: int | None = None,
-               params=None) -> sampling.SampleOutput:
-    """Sample on this engine's mesh with policy `version` (or `params`, which must live on this mesh);
-    the outputs come back as host numpy arrays of the full global batch."""
+               params=None, host: bool = True) -> sampling.SampleOutput:
+    """Sample on this engine's mesh with policy `version` (or `params`, which must live on this mesh).
+    host=True: the outputs as host numpy arrays of the full global batch (gathered from every process);
+    host=False: as global arrays, sharded over this mesh's batch axes, where the sampler left them."""
     params = self.weights(version) if params is None else params
     tok, mask = sampling.encode_prompts(self.tokenizer, [e.prompt for e in examples], cfg,
                                         apply_chat_template=self.apply_chat_template)
@@ -131,19 +134,33 @@ class NativeEngine:
     mask = sharding.host_local_batch_to_global(mask, self.mesh, self.batch_sharding)
     with jax.set_mesh(self.mesh):  # the model pins its activations' layout on this mesh
       out = sampling.generate(params, self.model_cfg, tok, mask, key, cfg, batch_sharding=self.batch_sharding)
-    return jax.tree.map(sharding.to_host, out)
+    return jax.tree.map(sharding.to_host, out) if host else out
 
   def completion_logps(self, out: sampling.SampleOutput, *, version: int, temperature: float,
-                       micro_batches: int) -> np.ndarray:
-    """At full completion width; the behaviour policy's log-probs of a stale rollout."""
-    tokens = np.concatenate([out.prompt_tokens_BxP, out.tokens_BxN], 1).astype(np.int32)
-    kv_valid = np.concatenate([out.prompt_mask_BxP, out.mask_BxN], 1).astype(bool)
-    put = lambda x: jax.make_array_from_callback(x.shape, self.batch_sharding, lambda idx: x[idx])  # noqa: E731
+                       micro_batches: int) -> jax.Array:
+    """At full completion width, on this mesh; the behaviour policy's log-probs of a stale rollout."""
     with jax.set_mesh(self.mesh):
-      logps = batched_completion_logps(self.weights(version), put(tokens), put(kv_valid), model_cfg=self.model_cfg,
-                                       n_completion=out.tokens_BxN.shape[1], temperature=temperature,
-                                       micro_batches=micro_batches)
-    return sharding.to_host(logps)
+      tokens, kv_valid = _sequences(*(jax.device_put(x, self.batch_sharding) for x in (
+          out.prompt_tokens_BxP, out.tokens_BxN, out.prompt_mask_BxP, out.mask_BxN)))
+      return batched_completion_logps(self.weights(version), tokens, kv_valid, model_cfg=self.model_cfg,
+                                      n_completion=out.tokens_BxN.shape[1], temperature=temperature,
+                                      micro_batches=micro_batches)
+
+
+@jax.jit
+def _sequences(prompt_BxP, tokens_BxN, prompt_mask_BxP, mask_BxN):
+  return (jnp.concatenate([prompt_BxP, tokens_BxN], 1).astype(jnp.int32),
+          jnp.concatenate([prompt_mask_BxP, mask_BxN], 1).astype(bool))
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows of a batch-sharded global array (all of it with one process), on the host."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  shards = {}
+  for shard in x.addressable_shards:  # replicas of a row block appear once per device holding it
+    shards.setdefault(shard.index[0].start or 0, shard)
+  return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)], axis=0)
 
 
 @dataclasses.dataclass
@@ -152,14 +169,15 @@ class Rollout:
 
   iteration: int
   version: int
-  out: sampling.SampleOutput  # host numpy arrays, the global batch
-  rewards_B: np.ndarray  # every process's rows (all-gathered)
+  out: sampling.SampleOutput  # the global batch, on the device where the sampler left it (or host arrays)
+  rewards_B: np.ndarray  # every process's rows (all-gathered); only this vector crosses between hosts
   stats: dict  # the reward worker's counts (errors, timeouts) and per-reward means, this process's rows
-  behaviour_logps_BxN: np.ndarray | None  # training-forward log-probs at `version` (stale rollouts only)
+  behaviour_logps_BxN: Any  # training-forward log-probs at `version` (stale rollouts only), on device
   stream_state: dict  # the prompt stream's state after this rollout's prompts were drawn
   seconds: dict  # time/<phase>_s spent making it: rollout (sampling), reward, logps (behaviour forward)
 
   def to_json(self) -> dict:
+    """Host copies of everything (one process: pipelined runs are single-process)."""
     return {"iteration": self.iteration, "version": self.version, "out": _encode(self.out._asdict()),
             "rewards_B": _encode(self.rewards_B), "stats": self.stats,
             "behaviour_logps_BxN": _encode(self.behaviour_logps_BxN), "stream_state": self.stream_state,
@@ -179,7 +197,7 @@ def _encode(x):
     return None
   if isinstance(x, dict):
     return {k: _encode(v) for k, v in x.items()}
-  a = np.ascontiguousarray(x)
+  a = np.ascontiguousarray(jax.device_get(x))
   return {"dtype": str(a.dtype), "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode("ascii")}
 
 

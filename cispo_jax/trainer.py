@@ -30,7 +30,7 @@ from cispo_jax.metrics import MetricWriter, plot_curves
 from cispo_jax.model import hf_io, logical_axes, param_shapes
 from cispo_jax.optim import OptimConfig, make_optimizer
 from cispo_jax.pipeline import Pipeline
-from cispo_jax.rollout import NativeEngine, Rollout, batched_completion_logps  # noqa: F401 (re-exported)
+from cispo_jax.rollout import NativeEngine, Rollout, batched_completion_logps, local_rows  # noqa: F401
 from cispo_jax.task import Scorer, TaskConfig, make_sources
 from cispo_jax.update_plan import group_quantum, plan_update
 from cispo_jax.train_step import RolloutBatch, StepConfig, TrainState, epoch_permutations, update_on_rollout
@@ -320,10 +320,10 @@ class Trainer:
   def _local_rows(self, total: int) -> slice:
     return sharding.process_batch_rows(self.mesh, total, self.batch_sharding)
 
-  def _score(self, engine: NativeEngine, out, examples, n: int):
-    """Score this process's rows; every process gets all rewards (advantages are global)."""
-    rows = engine.local_rows(out.tokens_BxN.shape[0])
-    local = jax.tree.map(lambda x: x[rows], out)
+  def _score(self, out, examples, n: int):
+    """Decode and score this process's rows only; every process gets all rewards (advantages are global)."""
+    local = sampling.SampleOutput(*(local_rows(x) if name in ("tokens_BxN", "lengths_B", "stopped_B") else None
+                                    for name, x in out._asdict().items()))
     texts = sampling.decode_completions(self.tokenizer, local)
     local_examples = [e for e in examples for _ in range(n)]
     with self._score_lock:
@@ -338,14 +338,14 @@ class Trainer:
     stream_state = self.stream.state()
     key = jax.random.fold_in(jax.random.wrap_key_data(np.asarray(rng_data)), iteration)
     t0 = time.perf_counter()
-    out = self.engine.generate(examples, key, self.train_sampling, version=version)
+    out = jax.block_until_ready(self.engine.generate(examples, key, self.train_sampling, version=version, host=False))
     t1 = time.perf_counter()
-    rewards_B, stats = self._score(self.engine, out, examples, rl.num_generations)
+    rewards_B, stats = self._score(out, examples, rl.num_generations)
     t2 = time.perf_counter()
     behaviour = None
     if version != iteration and rl.behaviour_logps == "recompute":
-      behaviour = self.engine.completion_logps(out, version=version, temperature=rl.temperature,
-                                               micro_batches=rl.micro_batches)
+      behaviour = jax.block_until_ready(self.engine.completion_logps(
+          out, version=version, temperature=rl.temperature, micro_batches=rl.micro_batches))
     t3 = time.perf_counter()
     return Rollout(iteration, version, out, rewards_B, dict(stats), behaviour, stream_state,
                    {"rollout": t1 - t0, "reward": t2 - t1, "behaviour_logps": t3 - t2})
@@ -362,17 +362,17 @@ class Trainer:
     keep_B = (np.asarray(adv_lib.zero_variance_mask(rewards_B, n)) if rl.filter_zero_variance
               else np.ones(rewards_B.shape, bool))
 
-    valid = np.asarray(out.mask_BxN, bool)
+    lengths_B = _to_host(out.lengths_B)  # [B] ints: the only per-row data besides the rewards on the host
     metrics = {
         "reward/mean": float(rewards_B.mean()), "reward/std": float(rewards_B.std()),
         "reward/pass_rate": float((rewards_B >= 1.0).mean()),
-        "completion/length": float(np.asarray(out.lengths_B).mean()),
-        "completion/stopped": float(np.asarray(out.stopped_B).mean()),
+        "completion/length": float(lengths_B.mean()),
+        "completion/stopped": float(_to_host(out.stopped_B).mean()),
         "groups/kept_frac": float(keep_B.mean()),
         "logp_gap/sampler_vs_trainer": 0.0,  # over the tokens that enter the loss; set below or after the update
         "reward_events/errors": self.reward_events["errors"],
         "reward_events/timeouts": self.reward_events["timeouts"],
-        "tokens/generated": float(valid.sum()),
+        "tokens/generated": float(lengths_B.sum()),
     }
     if self.rollout_thread:  # updates since the policy that sampled this rollout
       metrics["pipeline/staleness"] = float(self.iteration - r.version)
@@ -382,16 +382,18 @@ class Trainer:
     if keep_B.any():  # else no update, and nothing needs the log-probs
       behaviour = None
       if r.version != self.iteration:  # stale: the old log-probs are the behaviour policy's
-        behaviour = r.behaviour_logps_BxN if r.behaviour_logps_BxN is not None else np.asarray(out.logps_BxN)
-      batch, extra, gap_data = self._update_batch(out, adv_B, keep_B, metrics, behaviour)
+        behaviour = r.behaviour_logps_BxN if r.behaviour_logps_BxN is not None else out.logps_BxN
+      batch, extra, gap_data = self._update_batch(out, lengths_B, adv_B, keep_B, metrics, behaviour)
     return batch, metrics, extra, gap_data
 
-  def _update_batch(self, out, adv_B, keep_B, metrics, behaviour_BxN=None):
-    """The update's rows and width (plan_update), then the old / reference log-probs on just those.
-    behaviour_BxN: a stale rollout's old log-probs (host, full width); else they come from the current params."""
+  def _update_batch(self, out, lengths_B, adv_B, keep_B, metrics, behaviour_BxN=None):
+    """The update's rows and width (plan_update), gathered on the devices from the rollout's arrays, then
+    the old / reference log-probs on just those rows. behaviour_BxN: a stale rollout's old log-probs (full
+    width); else they come from the current params."""
     rl, n = self.rl, self.rl.num_generations
+    N = out.tokens_BxN.shape[1]
     perms = _to_host(self._perms(self.state.rng)[1]) if rl.compact_groups else None  # the update's shuffle
-    plan = plan_update(keep_B[::n], np.asarray(out.mask_BxN, bool), perms, num_generations=n,
+    plan = plan_update(keep_B[::n], np.arange(N)[None, :] < lengths_B[:, None], perms, num_generations=n,
                        num_minibatches=rl.num_minibatches, quantum=self.group_quantum, compact=rl.compact_groups,
                        trim=rl.trim_completions)
     if jax.process_count() > 1:  # a pure function of global data: every process must have the same plan
@@ -402,32 +404,33 @@ class Trainer:
         raise RuntimeError(f"processes disagree on the update batch (width, groups, rows, order): {mine}")
     r, w = plan.rows, plan.width
     metrics["update/rows"], metrics["update/completion_width"] = float(len(r)), float(w)
-    tokens = self._global(np.concatenate([out.prompt_tokens_BxP[r], out.tokens_BxN[r, :w]], 1).astype(np.int32))
-    kv_valid = self._global(np.concatenate([out.prompt_mask_BxP[r], out.mask_BxN[r, :w]], 1).astype(bool))
-    mask = np.asarray(out.mask_BxN, np.float32)[r, :w] * np.asarray(keep_B, np.float32)[r, None]
-    sampler_logps = np.asarray(out.logps_BxN, np.float32)[r, :w]
+    # Rows r of the rollout, cut to width w, onto the train mesh (a transfer when the rollout came from
+    # other devices); per-row host inputs are [R] vectors.
+    put = lambda x: jax.device_put(x, self.batch_sharding)  # noqa: E731
+    rows_in = [self._global(np.asarray(x)) for x in (r, np.asarray(keep_B, np.float32)[r], np.asarray(adv_B, np.float32)[r])]
     with jax.set_mesh(self.mesh):
-      if behaviour_BxN is not None:
-        old_logps = self._global(np.ascontiguousarray(np.asarray(behaviour_BxN, np.float32)[r, :w]))
+      gathered = _gather_rows(
+          *(put(x) for x in (out.prompt_tokens_BxP, out.tokens_BxN, out.prompt_mask_BxP, out.mask_BxN,
+                             out.logps_BxN)), put(behaviour_BxN) if behaviour_BxN is not None else None,
+          *rows_in, width=w)
+      tokens, kv_valid, mask, sampler_logps, adv_BxN, behaviour = (None if x is None else put(x) for x in gathered)
+      if behaviour is not None:
+        old_logps = behaviour
       else:
         old_logps = (None if self.old_logps_in_update
                      else self._logps(self.state.params, tokens, kv_valid, n_completion=w))
       ref_logps = (self._logps(self.ref_params, tokens, kv_valid, n_completion=w)
                    if self.ref_params is not None else None)
-    jax.block_until_ready((old_logps, ref_logps))
-    zeros = lambda: self._global(np.zeros(mask.shape, np.float32))  # noqa: E731
-    adv_BxN = np.broadcast_to(np.asarray(adv_B, np.float32)[r, None], mask.shape)
-    gap_data = (sampler_logps, mask > 0)
-    if old_logps is not None:
-      old_host = _to_host(old_logps)
-      metrics["logp_gap/sampler_vs_trainer"] = _logp_gap(old_host, *gap_data)
-      gap_data = None
-      if rl.tis_cap > 0:  # sampler != trainer numerics: reweight by the truncated ratio pi_old / pi_sampler
-        adv_BxN = adv_BxN * np.minimum(np.exp(np.clip(old_host - sampler_logps, -20, 20)), rl.tis_cap)
-    batch = RolloutBatch(tokens, kv_valid, self._global(mask), zeros() if old_logps is None else old_logps,
-                         zeros() if ref_logps is None else ref_logps,
-                         self._global(np.ascontiguousarray(adv_BxN, np.float32)),
-                         self._global((r[::n] // n).repeat(n).astype(np.int32)))
+      gap_data = (sampler_logps, mask)
+      if old_logps is not None:
+        metrics["logp_gap/sampler_vs_trainer"] = float(_logp_gap(old_logps, *gap_data))
+        gap_data = None
+        if rl.tis_cap > 0:  # sampler != trainer numerics: reweight by the truncated ratio pi_old / pi_sampler
+          adv_BxN = put(_tis(adv_BxN, old_logps, sampler_logps, rl.tis_cap))
+      zeros = put(jnp.zeros(mask.shape, jnp.float32))
+      batch = RolloutBatch(tokens, kv_valid, mask, zeros if old_logps is None else old_logps,
+                           zeros if ref_logps is None else ref_logps, adv_BxN,
+                           self._global((r[::n] // n).repeat(n).astype(np.int32)))
     extra = () if plan.order is None else (plan.order,)
     return batch, extra, gap_data
 
@@ -459,7 +462,7 @@ class Trainer:
       step_metrics = {k: _to_host(v) for k, v in step_metrics.items()}  # one entry per optimizer step
       self.update_intervals.append((t_update, time.perf_counter()))
       if gap_data is not None:  # the old log-probs came from the update's first forward
-        metrics["logp_gap/sampler_vs_trainer"] = _logp_gap(_to_host(old_logps[0]), *gap_data)
+        metrics["logp_gap/sampler_vs_trainer"] = float(_logp_gap(old_logps[0], *gap_data))
       self._count_nonfinite(step_metrics.get("skipped_nonfinite"))
       reduce = {"ratio_max": np.max, "ratio_min": np.min, "skipped_nonfinite": np.sum}
       metrics.update({f"train/{k}": float(reduce.get(k, np.mean)(v)) for k, v in step_metrics.items()})
@@ -658,9 +661,31 @@ def _bindings(text: str) -> dict[str, str]:
   return out
 
 
-def _logp_gap(old_BxN, sampler_BxN, loss_mask_BxN) -> float:
+@functools.partial(jax.jit, static_argnames=("width",))
+def _gather_rows(prompt_BxP, tokens_BxN, prompt_mask_BxP, mask_BxN, sampler_logps_BxN, behaviour_BxN, rows_R, keep_R,
+                 adv_R, *, width: int):
+  """The update batch's rows of a rollout, on the devices: sequences cut to `width` completion positions,
+  the loss mask (completion mask x kept group), the sampler's and behaviour log-probs, the advantages."""
+  take = lambda x: None if x is None else jnp.take(x, rows_R, axis=0)[:, :width]  # noqa: E731
+  tokens = jnp.concatenate([jnp.take(prompt_BxP, rows_R, axis=0), take(tokens_BxN)], 1).astype(jnp.int32)
+  kv_valid = jnp.concatenate([jnp.take(prompt_mask_BxP, rows_R, axis=0), take(mask_BxN)], 1).astype(bool)
+  mask = take(mask_BxN).astype(jnp.float32) * keep_R[:, None]
+  adv = jnp.broadcast_to(adv_R[:, None], mask.shape)
+  behaviour = None if behaviour_BxN is None else take(behaviour_BxN).astype(jnp.float32)
+  return tokens, kv_valid, mask, take(sampler_logps_BxN).astype(jnp.float32), adv, behaviour
+
+
+@jax.jit
+def _logp_gap(old_BxN, sampler_BxN, loss_mask_BxN):
   """Mean |trainer - sampler| log-prob over the tokens that enter the loss (0 when there are none)."""
-  return float(np.abs(old_BxN - sampler_BxN)[loss_mask_BxN].mean()) if loss_mask_BxN.any() else 0.0
+  m = loss_mask_BxN > 0
+  return jnp.where(m, jnp.abs(old_BxN - sampler_BxN), 0.0).sum() / jnp.maximum(m.sum(), 1)
+
+
+@functools.partial(jax.jit, static_argnames=("cap",))
+def _tis(adv_BxN, old_BxN, sampler_BxN, cap: float):
+  """Truncated importance weight min(pi_old / pi_sampler, cap) on the advantages."""
+  return adv_BxN * jnp.minimum(jnp.exp(jnp.clip(old_BxN - sampler_BxN, -20, 20)), cap)
 
 
 _to_host, _allgather_host = sharding.to_host, sharding.allgather_host
