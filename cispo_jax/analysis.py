@@ -1,0 +1,414 @@
+"""Runs over seeds: intervals, threshold crossings, the ScaleRL curve fit, and plots.
+
+    python -m cispo_jax.analysis runs/sweep/*-s* --out experiments/results/quick [--threshold 0.5]
+
+A run directory is what the trainer writes (metrics.jsonl, operative_config.gin, summary.json
+when finished). Directories named <arm>-s<seed> (the sweep's layout) are grouped into arms;
+any other directory is an arm of its own. Pure numpy: no scipy needed.
+
+Compute axes (x of the curves and of the fit), all cumulative up to an eval point:
+  iteration        RL iterations (one rollout batch each)
+  rollout_tokens   completion tokens sampled (tokens/generated summed), the sampler's work
+  update_tokens    rollout tokens x passes over each rollout (RLConfig.num_iterations): the
+                   forward+backward work, which the off-policy depth sweep changes
+
+ScaleRL's fit (arXiv:2510.13786): R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B), R0 the first eval
+(C = 0), A the asymptote, B the scaling exponent, C_mid the compute at half the gain. Fitted per
+run, then reported as mean and 95% interval over the arm's seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+from cispo_jax.metrics import read_metrics
+
+COMPUTE_AXES = ("iteration", "rollout_tokens", "update_tokens")
+EVAL_KEY = "eval/pass_at_1"
+_RUN_NAME = re.compile(r"^(?P<arm>.+)-s(?P<seed>\d+)$")
+
+
+# ---------------------------------------------------------------------------------------- intervals
+
+def _betacf(a: float, b: float, x: float) -> float:
+  """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
+  tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+  c, d = 1.0, 1.0 - qab * x / qap
+  d = 1.0 / (d if abs(d) > tiny else tiny)
+  h = d
+  for m in range(1, 500):
+    m2 = 2 * m
+    for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+      d = 1.0 + aa * d
+      d = 1.0 / (d if abs(d) > tiny else tiny)
+      c = 1.0 + aa / c
+      c = c if abs(c) > tiny else tiny
+      h *= d * c
+    if abs(d * c - 1.0) < 1e-15:
+      break
+  return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+  """I_x(a, b), the regularised incomplete beta function."""
+  if x <= 0.0:
+    return 0.0
+  if x >= 1.0:
+    return 1.0
+  front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+  if x < (a + 1.0) / (a + b + 2.0):  # the fraction converges fast on this side; else use symmetry
+    return front * _betacf(a, b, x) / a
+  return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+  """P(T <= t) for Student's t with df degrees of freedom."""
+  tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
+  return 1.0 - tail if t > 0 else tail
+
+
+@functools.lru_cache(maxsize=256)
+def t_quantile(p: float, df: float) -> float:
+  """The p-quantile of Student's t (bisection on t_cdf, to 1e-10)."""
+  if not 0.0 < p < 1.0:
+    raise ValueError(f"t_quantile: p={p} must be in (0, 1)")
+  if not df > 0:
+    raise ValueError(f"t_quantile: df={df} must be > 0")
+  if p < 0.5:
+    return -t_quantile(1.0 - p, df)
+  lo, hi = 0.0, 1.0
+  while t_cdf(hi, df) < p:
+    lo, hi = hi, 2.0 * hi
+  for _ in range(200):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    if hi - lo < 1e-10 * max(1.0, hi):
+      break
+  return 0.5 * (lo + hi)
+
+
+def mean_ci(values, level: float = 0.95) -> tuple[float, float]:
+  """(mean, half-width of the two-sided t interval). One value: (value, nan); none: (nan, nan)."""
+  x = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
+  if x.size == 0:
+    return math.nan, math.nan
+  if x.size == 1:
+    return float(x[0]), math.nan
+  half = t_quantile(0.5 + level / 2.0, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+  return float(x.mean()), float(half)
+
+
+# ---------------------------------------------------------------------------------------- runs
+
+@dataclasses.dataclass
+class Run:
+  """One run directory, reduced to its eval curve and the compute at each eval point."""
+  path: str
+  arm: str
+  seed: int | None
+  finished: bool
+  eval_iteration: np.ndarray  # [E] iterations with an eval (0 = before RL)
+  pass_at_1: np.ndarray  # [E]
+  compute: dict  # axis name -> [E] cumulative compute at the eval points
+  updates_per_rollout: int
+  seconds: float | None
+
+  @property
+  def final(self) -> float:
+    return float(self.pass_at_1[-1])
+
+  @property
+  def best(self) -> float:
+    return float(self.pass_at_1.max())
+
+
+def _operative_bindings(run_dir: str) -> dict[str, str]:
+  path = os.path.join(run_dir, "operative_config.gin")
+  out = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if " = " in line and not line.lstrip().startswith("#"):
+          k, _, v = line.partition(" = ")
+          out[k.strip()] = v.strip()
+  return out
+
+
+def read_run(run_dir: str, arm: str | None = None) -> Run:
+  """A run's eval curve and cumulative compute. Errors name the directory."""
+  if not os.path.isdir(run_dir):
+    raise ValueError(f"{run_dir}: not a run directory")
+  rows = read_metrics(run_dir)
+  if not rows:
+    raise ValueError(f"{run_dir}: no metrics.jsonl rows (not a run directory, or the run never started)")
+  name = os.path.basename(os.path.normpath(run_dir))
+  m = _RUN_NAME.match(name)
+  seed = int(m["seed"]) if m else None
+  arm = arm or (m["arm"] if m else name)
+  bindings = _operative_bindings(run_dir)
+  passes = int(bindings.get("RLConfig.num_iterations", 1))
+  updates = passes * int(bindings.get("RLConfig.num_minibatches", 1))
+  by_iter: dict[int, dict] = {}
+  for r in rows:  # the iteration-0 eval row and iteration rows; a later row of an iteration wins
+    by_iter.setdefault(int(r["iteration"]), {}).update(r)
+  iters = sorted(by_iter)
+  tokens = np.cumsum([by_iter[i].get("tokens/generated") or 0.0 for i in iters])
+  evals = [(k, i) for k, i in enumerate(iters) if by_iter[i].get(EVAL_KEY) is not None]
+  if not evals:
+    raise ValueError(f"{run_dir}/metrics.jsonl: no {EVAL_KEY} rows")
+  idx = np.array([k for k, _ in evals])
+  eval_iteration = np.array([i for _, i in evals])
+  compute = {"iteration": eval_iteration.astype(np.float64), "rollout_tokens": tokens[idx],
+             "update_tokens": tokens[idx] * passes}
+  summary_path = os.path.join(run_dir, "summary.json")
+  seconds = None
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      seconds = json.load(f).get("seconds")
+  return Run(run_dir, arm, seed, seconds is not None, eval_iteration,
+             np.array([by_iter[i][EVAL_KEY] for i in eval_iteration], np.float64), compute, updates, seconds)
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+  """Arms in first-seen order, each with its runs sorted by seed."""
+  arms: dict[str, list[Run]] = {}
+  for r in runs:
+    arms.setdefault(r.arm, []).append(r)
+  return {a: sorted(rs, key=lambda r: (r.seed is None, r.seed)) for a, rs in arms.items()}
+
+
+def first_crossing(x, y, threshold: float) -> float | None:
+  """The first x where y >= threshold (an eval point), or None if never."""
+  hit = np.flatnonzero(np.asarray(y) >= threshold)
+  return float(np.asarray(x)[hit[0]]) if hit.size else None
+
+
+# ---------------------------------------------------------------------------------------- the fit
+
+def scalerl_curve(C, R0: float, A: float, B: float, C_mid: float):
+  C = np.asarray(C, np.float64)
+  with np.errstate(divide="ignore", over="ignore"):
+    s = 1.0 / (1.0 + (C_mid / np.maximum(C, 1e-300)) ** B)
+  return R0 + (A - R0) * np.where(C > 0, s, 0.0)
+
+
+def _best_A(s, y, R0, A_bounds):
+  """Least-squares A for fixed (B, C_mid): y - R0 = (A - R0) s is linear in A; clipped to bounds
+  (a 1-d quadratic, so the clipped optimum is the constrained one)."""
+  A = R0 + (s @ y) / max(s @ s, 1e-300)
+  return float(np.clip(A, *A_bounds))
+
+
+def fit_scalerl(C, R, R0: float | None = None, *, A_bounds=(0.0, 1.0), B_range=(0.1, 10.0)) -> dict:
+  """Fit ScaleRL's sigmoid to one curve. R0 defaults to R at C == 0 (the first eval).
+
+  A grid over (log B, log C_mid), A in closed form at each point, then two rounds of a finer grid
+  around the best: no starting guess to get wrong and no optimiser to diverge. C_mid ranges over
+  [C_min / 10, C_max * 10] of the points with C > 0. Returns A, B, C_mid, R0, rmse, n_points.
+  """
+  C, R = np.asarray(C, np.float64), np.asarray(R, np.float64)
+  if C.shape != R.shape or C.ndim != 1:
+    raise ValueError(f"fit_scalerl: C and R must be 1-d of one length, got {C.shape} and {R.shape}")
+  if R0 is None:
+    if not (C == 0).any():
+      raise ValueError("fit_scalerl: no point at C == 0 to take R0 from; pass R0")
+    R0 = float(R[C == 0][0])
+  keep = C > 0
+  C, R = C[keep], R[keep]
+  if C.size < 3:
+    raise ValueError(f"fit_scalerl: {C.size} points with C > 0; the fit of A, B, C_mid needs >= 3")
+  y = R - R0
+  logB = np.linspace(math.log(B_range[0]), math.log(B_range[1]), 61)
+  logM = np.linspace(math.log(C.min() / 10), math.log(C.max() * 10), 81)
+  logC = np.log(C)
+
+  def sse(lb, lm):
+    s = 1.0 / (1.0 + np.exp(np.exp(lb) * (lm - logC)))
+    A = _best_A(s, y, R0, A_bounds)
+    return float(((A - R0) * s - y) @ ((A - R0) * s - y)), A
+
+  best = None
+  for _ in range(3):  # the grid, then two finer grids around its best point
+    for lb in logB:
+      for lm in logM:
+        err, A = sse(lb, lm)
+        if best is None or err < best[0]:
+          best = (err, A, lb, lm)
+    db, dm = 2 * (logB[1] - logB[0]), 2 * (logM[1] - logM[0])
+    logB = np.linspace(best[2] - db, best[2] + db, 21)
+    logM = np.linspace(best[3] - dm, best[3] + dm, 21)
+  err, A, lb, lm = best
+  return {"A": A, "B": float(math.exp(lb)), "C_mid": float(math.exp(lm)), "R0": float(R0),
+          "rmse": math.sqrt(err / C.size), "n_points": int(C.size)}
+
+
+# ---------------------------------------------------------------------------------------- summary
+
+def summarize(arms: dict[str, list[Run]], threshold: float, compute: str = "rollout_tokens",
+              reference: str | None = None, level: float = 0.95) -> dict:
+  """Per arm: seeds, start, final / best pass@1, iterations and compute to `threshold`, the fit,
+  and the paired difference of final pass@1 to the reference arm (same seeds only)."""
+  if compute not in COMPUTE_AXES:
+    raise ValueError(f"compute={compute!r}; allowed: {COMPUTE_AXES}")
+  ref_final = {r.seed: r.final for r in arms.get(reference, []) if r.finished}
+  out = {}
+  for arm, runs in arms.items():
+    done = [r for r in runs if r.finished]
+    row = {"seeds": [r.seed for r in done], "unfinished": [r.path for r in runs if not r.finished],
+           "updates_per_rollout": sorted({r.updates_per_rollout for r in done})}
+    row["start"] = mean_ci([r.pass_at_1[0] for r in done], level)
+    row["final"] = mean_ci([r.final for r in done], level)
+    row["best"] = mean_ci([r.best for r in done], level)
+    for axis in ("iteration", compute):
+      hits = [first_crossing(r.compute[axis], r.pass_at_1, threshold) for r in done]
+      row[f"to_threshold_{axis}"] = {**dict(zip(("mean", "ci"), mean_ci([h for h in hits if h is not None], level))),
+                                     "reached": sum(h is not None for h in hits), "of": len(hits)}
+    fits = []
+    for r in done:
+      try:
+        fits.append(fit_scalerl(r.compute[compute], r.pass_at_1))
+      except ValueError:  # too few eval points: reported as a missing fit, not a failure
+        fits.append(None)
+    row["fit"] = {k: mean_ci([f[k] for f in fits if f], level) for k in ("A", "B", "C_mid", "rmse")}
+    row["fit_per_seed"] = fits
+    row["minutes"] = mean_ci([r.seconds / 60 for r in done if r.seconds is not None], level)
+    if reference is not None and arm != reference:
+      diffs = [r.final - ref_final[r.seed] for r in done if r.seed in ref_final]
+      row["final_minus_reference"] = {**dict(zip(("mean", "ci"), mean_ci(diffs, level))), "pairs": len(diffs)}
+    out[arm] = row
+  return {"threshold": threshold, "compute": compute, "reference": reference, "level": level, "arms": out}
+
+
+def _fmt(mc, digits=3, scale=1.0):
+  mean, ci = mc if isinstance(mc, (tuple, list)) else (mc["mean"], mc["ci"])
+  if mean is None or not np.isfinite(mean):
+    return "–"
+  if ci is None or not np.isfinite(ci):
+    return f"{mean * scale:.{digits}f}"
+  return f"{mean * scale:.{digits}f} ± {ci * scale:.{digits}f}"
+
+
+def _fmt_big(mc):
+  mean, ci = mc if isinstance(mc, (tuple, list)) else (mc["mean"], mc["ci"])
+  if mean is None or not np.isfinite(mean):
+    return "–"
+  return f"{mean:.3g}" + (f" ± {ci:.2g}" if ci is not None and np.isfinite(ci) else "")
+
+
+def markdown_table(summary: dict) -> str:
+  thr, comp, ref = summary["threshold"], summary["compute"], summary["reference"]
+  pct = int(round(100 * summary["level"]))
+  head = (f"| arm | seeds | updates / rollout | pass@1 start | final | best | iterations to {thr} | {comp} to {thr} "
+          f"| fit A | fit B | fit C_mid | minutes |")
+  if ref:
+    head += f" final − {ref} (paired) |"
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for arm, r in summary["arms"].items():
+    it, ct = r["to_threshold_iteration"], r[f"to_threshold_{comp}"]
+    cells = [arm, str(len(r["seeds"])), "/".join(map(str, r["updates_per_rollout"])) or "–",
+             _fmt(r["start"]), _fmt(r["final"]), _fmt(r["best"]),
+             f"{_fmt_big(it)} ({it['reached']}/{it['of']})", f"{_fmt_big(ct)} ({ct['reached']}/{ct['of']})",
+             _fmt(r["fit"]["A"]), _fmt(r["fit"]["B"], 2), _fmt_big(r["fit"]["C_mid"]), _fmt(r["minutes"], 1)]
+    if ref:
+      d = r.get("final_minus_reference")
+      cells.append(f"{_fmt(d, 1, 100)} pts ({d['pairs']} pairs)" if d else "(reference)")
+    lines.append("| " + " | ".join(cells) + " |")
+  notes = [f"\nMean ± {pct}% t-interval over seeds (no interval with one seed). Iterations / {comp} to {thr}: "
+           "mean over the seeds that reached it (reached / seeds). Fit: ScaleRL's "
+           f"R(C) = R0 + (A − R0) / (1 + (C_mid / C)^B) per seed on C = {comp}, then mean ± interval."]
+  for arm, r in summary["arms"].items():
+    if r["unfinished"]:
+      notes.append(f"{arm}: unfinished runs left out: {', '.join(r['unfinished'])}")
+  return "\n".join(lines) + "\n" + "\n".join(notes) + "\n"
+
+
+# ---------------------------------------------------------------------------------------- plots
+
+def plot_mean_curves(arms: dict[str, list[Run]], path: str, x_axis: str = "iteration", level: float = 0.95) -> str:
+  """Mean held-out pass@1 per arm with its t-interval band, against x_axis. Seeds are aligned on
+  the eval iterations they share; on a compute axis x is the seeds' mean compute there."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  if x_axis not in COMPUTE_AXES:
+    raise ValueError(f"x_axis={x_axis!r}; allowed: {COMPUTE_AXES}")
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for arm, runs in arms.items():
+    done = [r for r in runs if r.finished] or runs
+    common = sorted(set.intersection(*(set(r.eval_iteration.tolist()) for r in done)))
+    if not common:
+      continue
+    ys = np.array([[r.pass_at_1[list(r.eval_iteration).index(i)] for i in common] for r in done])
+    xs = np.array([[r.compute[x_axis][list(r.eval_iteration).index(i)] for i in common] for r in done]).mean(0)
+    stats = [mean_ci(col, level) for col in ys.T]
+    mean = np.array([m for m, _ in stats])
+    half = np.nan_to_num(np.array([h for _, h in stats]))
+    line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{arm} (n={len(done)})")
+    ax.fill_between(xs, mean - half, mean + half, color=line.get_color(), alpha=0.2)
+  ax.set_xlabel(x_axis.replace("_", " "))
+  ax.set_ylabel("held-out greedy pass@1")
+  ax.set_title(f"mean ± {int(round(100 * level))}% interval over seeds")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
+
+
+def analyze(run_dirs: list[str], out_dir: str, threshold: float = 0.5, compute: str = "rollout_tokens",
+            reference: str | None = None) -> dict:
+  """Read the runs, write results.md, results.json and the two plots to out_dir; return the summary."""
+  arms = group_runs([read_run(d) for d in run_dirs])
+  if reference is not None and reference not in arms:
+    raise ValueError(f"reference arm {reference!r} is not among the arms {list(arms)}")
+  summary = summarize(arms, threshold, compute, reference)
+  os.makedirs(out_dir, exist_ok=True)
+  summary["plots"] = [plot_mean_curves(arms, os.path.join(out_dir, "curves_step.png"), "iteration"),
+                      plot_mean_curves(arms, os.path.join(out_dir, f"curves_{compute}.png"), compute)]
+  summary["runs"] = {arm: [r.path for r in rs] for arm, rs in arms.items()}
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(markdown_table(summary))
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(_json_ready(summary), f, indent=1)
+  return summary
+
+
+def _json_ready(x):
+  """NaN -> None (JSON has no NaN), tuples -> lists, numpy scalars -> Python."""
+  if isinstance(x, dict):
+    return {k: _json_ready(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_ready(v) for v in x]
+  if isinstance(x, (float, np.floating)):
+    return float(x) if np.isfinite(x) else None
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("run_dirs", nargs="+", help="run directories; <arm>-s<seed> names group into arms")
+  ap.add_argument("--out", required=True, help="directory for results.md, results.json and PNGs")
+  ap.add_argument("--threshold", type=float, default=0.5, help="held-out pass@1 to count steps / compute to")
+  ap.add_argument("--compute", default="rollout_tokens", choices=COMPUTE_AXES)
+  ap.add_argument("--reference", default=None, help="arm for the paired difference of final pass@1")
+  args = ap.parse_args(argv)
+  summary = analyze(args.run_dirs, args.out, args.threshold, args.compute, args.reference)
+  with open(os.path.join(args.out, "results.md")) as f:
+    print(f.read())
+  return summary
+
+
+if __name__ == "__main__":
+  main()
