@@ -126,7 +126,8 @@ class ArithmeticTask(_Task):
                max_operand: int = 99, ops: str = "+-", num_operands: int = 2,
                eval_fraction: float = 0.1, scratchpad_marker: str = ""):
     _check_common("arithmetic", size, split, ops, eval_fraction)
-    if scratchpad_marker and (scratchpad_marker[0] in "0123456789-" or any(c not in ALPHABET for c in scratchpad_marker)):
+    marker_ok = all(c in ALPHABET for c in scratchpad_marker) and scratchpad_marker[:1] not in tuple("0123456789-")
+    if scratchpad_marker and not marker_ok:
       raise ValueError(f"arithmetic: scratchpad_marker={scratchpad_marker!r} must use characters of {ALPHABET!r} "
                        "and must not start like a bare answer (a digit or '-')")
     if not 0 <= min_operand <= max_operand:
