@@ -120,6 +120,11 @@ class Run:
   compute: dict  # axis name -> [E] cumulative compute at the eval points
   updates_per_rollout: int
   seconds: float | None
+  # The fork-token diagnostic (diagnostics.py), mean over the iterations that updated: the share of
+  # the unclipped gradient weight the loss removed, and the share of tokens zeroed with A > 0 and
+  # r > 1.2 (the clipped "fork" tokens of claim (a)). None for runs logged before it existed.
+  diag_removed: float | None = None
+  diag_zeroed_pos_high: float | None = None
 
   @property
   def final(self) -> float:
@@ -173,8 +178,13 @@ def read_run(run_dir: str, arm: str | None = None) -> Run:
   if os.path.exists(summary_path):
     with open(summary_path) as f:
       seconds = json.load(f).get("seconds")
+  diag = [r for r in (by_iter[i] for i in iters) if r.get("train/diag/removed") is not None]
+  removed = float(np.mean([r["train/diag/removed"] for r in diag])) if diag else None
+  zeroed = (float(np.mean([r.get("train/diag/zeroed_pos_hi", 0.0) + r.get("train/diag/zeroed_pos_xhi", 0.0)
+                           for r in diag])) if diag else None)
   return Run(run_dir, arm, seed, seconds is not None, eval_iteration,
-             np.array([by_iter[i][EVAL_KEY] for i in eval_iteration], np.float64), compute, updates, seconds)
+             np.array([by_iter[i][EVAL_KEY] for i in eval_iteration], np.float64), compute, updates, seconds,
+             removed, zeroed)
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
@@ -279,6 +289,8 @@ def summarize(arms: dict[str, list[Run]], threshold: float, compute: str = "roll
         fits.append(None)
     row["fit"] = {k: mean_ci([f[k] for f in fits if f], level) for k in ("A", "B", "C_mid", "rmse")}
     row["fit_per_seed"] = fits
+    row["diag_removed"] = mean_ci([r.diag_removed for r in done], level)
+    row["diag_zeroed_pos_high"] = mean_ci([r.diag_zeroed_pos_high for r in done], level)
     row["minutes"] = mean_ci([r.seconds / 60 for r in done if r.seconds is not None], level)
     if reference is not None and arm != reference:
       diffs = [r.final - ref_final[r.seed] for r in done if r.seed in ref_final]
@@ -307,7 +319,7 @@ def markdown_table(summary: dict) -> str:
   thr, comp, ref = summary["threshold"], summary["compute"], summary["reference"]
   pct = int(round(100 * summary["level"]))
   head = (f"| arm | seeds | updates / rollout | pass@1 start | final | best | iterations to {thr} | {comp} to {thr} "
-          f"| fit A | fit B | fit C_mid | minutes |")
+          f"| fit A | fit B | fit C_mid | grad weight removed (%) | tokens A>0, r>1.2 zeroed (%) | minutes |")
   if ref:
     head += f" final − {ref} (paired) |"
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -316,14 +328,17 @@ def markdown_table(summary: dict) -> str:
     cells = [arm, str(len(r["seeds"])), "/".join(map(str, r["updates_per_rollout"])) or "–",
              _fmt(r["start"]), _fmt(r["final"]), _fmt(r["best"]),
              f"{_fmt_big(it)} ({it['reached']}/{it['of']})", f"{_fmt_big(ct)} ({ct['reached']}/{ct['of']})",
-             _fmt(r["fit"]["A"]), _fmt(r["fit"]["B"], 2), _fmt_big(r["fit"]["C_mid"]), _fmt(r["minutes"], 1)]
+             _fmt(r["fit"]["A"]), _fmt(r["fit"]["B"], 2), _fmt_big(r["fit"]["C_mid"]),
+             _fmt(r["diag_removed"], 2, 100), _fmt(r["diag_zeroed_pos_high"], 3, 100), _fmt(r["minutes"], 1)]
     if ref:
       d = r.get("final_minus_reference")
       cells.append(f"{_fmt(d, 1, 100)} pts ({d['pairs']} pairs)" if d else "(reference)")
     lines.append("| " + " | ".join(cells) + " |")
   notes = [f"\nMean ± {pct}% t-interval over seeds (no interval with one seed). Iterations / {comp} to {thr}: "
            "mean over the seeds that reached it (reached / seeds). Fit: ScaleRL's "
-           f"R(C) = R0 + (A − R0) / (1 + (C_mid / C)^B) per seed on C = {comp}, then mean ± interval."]
+           f"R(C) = R0 + (A − R0) / (1 + (C_mid / C)^B) per seed on C = {comp}, then mean ± interval. "
+           "Gradient weight removed and tokens zeroed: the fork-token diagnostic (train/diag/removed, "
+           "train/diag/zeroed_pos_hi + _pos_xhi), mean over a run's iterations (each the mean of its optimizer steps)."]
   for arm, r in summary["arms"].items():
     if r["unfinished"]:
       notes.append(f"{arm}: unfinished runs left out: {', '.join(r['unfinished'])}")

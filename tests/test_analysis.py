@@ -93,7 +93,8 @@ def _fake_run(root, name, curve, tokens_per_iter=100.0, eval_every=2, passes=2, 
   os.makedirs(d)
   rows = [{"iteration": 0, "eval/pass_at_1": curve[0]}]
   for it in range(1, eval_every * (len(curve) - 1) + 1):
-    row = {"iteration": it, "tokens/generated": tokens_per_iter, "reward/mean": 0.1}
+    row = {"iteration": it, "tokens/generated": tokens_per_iter, "reward/mean": 0.1,
+           "train/diag/removed": 0.01 * it, "train/diag/zeroed_pos_hi": 0.02, "train/diag/zeroed_pos_xhi": 0.01}
     if it % eval_every == 0:
       row["eval/pass_at_1"] = curve[it // eval_every]
     rows.append(row)
@@ -115,6 +116,8 @@ def test_read_run_compute_axes(tmp_path):
   np.testing.assert_array_equal(run.compute["rollout_tokens"], [0, 100, 200, 300])
   np.testing.assert_array_equal(run.compute["update_tokens"], [0, 400, 800, 1200])
   assert (run.final, run.best) == (0.45, 0.5)
+  assert run.diag_removed == pytest.approx(0.01 * np.mean(np.arange(1, 7)))
+  assert run.diag_zeroed_pos_high == pytest.approx(0.03)
 
 
 def test_read_run_errors_name_the_directory(tmp_path):
