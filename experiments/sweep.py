@@ -17,9 +17,9 @@ reported and the sweep goes on; a preempted one (exit 75, e.g. Ctrl-C) stops the
 Seeds: the RL seed sets the prompt order, the sampling and the update shuffle. The start is
 shared: the bootstrap model is keyed on BootstrapConfig and TaskConfig only (bootstrap.py), so
 every arm and seed of a sweep over the same task loads the same warm start; the table says which
-start each arm used and warns when they differ. The held-out problems also come from the RL seed
-(task.make_sources), so seeds differ in the eval sample too; arms with the same seed share it,
-which the paired column (--reference) uses.
+start each arm used and warns when they differ. The held-out problems do not depend on the seed
+(task.EVAL_SEED): every run is scored on the same sample. The paired column (--reference) compares
+arms seed by seed (same prompt order and sampling keys).
 """
 
 from __future__ import annotations

@@ -109,3 +109,12 @@ def test_dry_run_prints_the_commands(capsys):
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 2 * len(sweep.SUITES["quick"])
   assert any("depth_u16.gin" in line and "cispo_u16-s1" in line for line in lines)
+
+
+def test_seeds_vary_the_training_problems_not_the_held_out_sample():
+  from cispo_jax.task import TaskConfig, make_sources
+  cfg = TaskConfig(task="arithmetic", task_args={"max_operand": 99, "ops": "+"}, train_size=200, eval_size=32)
+  (train0, held0), (train3, held3) = make_sources(cfg, seed=0), make_sources(cfg, seed=3)
+  assert held0 == held3
+  assert list(train0) != list(train3)
+  assert not {e.prompt for e in held0} & {e.prompt for e in train3}  # still disjoint
