@@ -32,6 +32,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXIT_PREEMPTED = 75  # cispo_jax.trainer.EXIT_PREEMPTED (not imported: the sweep itself needs no jax)
@@ -84,6 +85,18 @@ def parse_arm(spec: str) -> Arm:
   return Arm(name, paths, tuple(bindings))
 
 
+def check_configs(arms: list[Arm], extra: list[str]) -> None:
+  """Build every arm's configs before the first run starts: a typo fails now, naming its arm,
+  not an hour into the sweep."""
+  from cispo_jax import config
+  for arm in arms:
+    try:
+      config.parse(list(arm.gin_files), [*arm.bindings, *extra])
+    except Exception as e:  # gin and the dataclasses raise several types; all mean a bad arm
+      raise SystemExit(f"sweep: arm {arm.name!r} ({' + '.join(arm.gin_files)}"
+                       f"{' @ ' + ' @ '.join(arm.bindings) if arm.bindings else ''}): {type(e).__name__}: {e}") from e
+
+
 def run_dir(root: str, arm: Arm, seed: int) -> str:
   return os.path.join(root, f"{arm.name}-s{seed}")
 
@@ -113,6 +126,9 @@ def run_one(arm: Arm, seed: int, root: str, extra: list[str], in_process: bool) 
       rc = 0
     except SystemExit as e:
       rc = e.code if isinstance(e.code, int) else 1
+    except Exception:  # a crashed run is a failed run, as a subprocess's would be; the sweep goes on
+      traceback.print_exc()
+      rc = 1
   else:
     rc = subprocess.run([sys.executable, "-m", "cispo_jax.train", *argv]).returncode
   print(f"  {d}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
@@ -158,6 +174,7 @@ def main(argv=None):
   names = [a.name for a in arms]
   if len(set(names)) != len(names):
     raise SystemExit(f"sweep: two arms share a name: {names}")
+  check_configs(arms, args.gin_param)
   if args.dry_run:
     for arm in arms:
       for seed in args.seeds:

@@ -98,10 +98,17 @@ def test_arm_specs(tmp_path):
     sweep.parse_arm("x-s1=cispo.gin")
 
 
+def test_a_bad_arm_fails_before_any_run(tmp_path):
+  with pytest.raises(SystemExit, match="arm 'bad'.*epsilon_high"):
+    sweep.main(["cispo.gin", "bad=cispo.gin@LossConfig.epsilon_high=0.2", "--root", str(tmp_path / "r")])
+  assert not os.path.exists(tmp_path / "r")  # nothing ran
+
+
 def test_every_suite_arm_parses():
   for suite, specs in sweep.SUITES.items():
-    names = [sweep.parse_arm(s).name for s in specs]
-    assert len(set(names)) == len(names), suite
+    arms = [sweep.parse_arm(s) for s in specs]
+    assert len({a.name for a in arms}) == len(arms), suite
+    sweep.check_configs(arms, [])  # every arm's configs build
 
 
 def test_dry_run_prints_the_commands(capsys):
