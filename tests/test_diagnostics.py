@@ -141,28 +141,3 @@ def test_on_policy_nothing_is_removed():
     m = diagnostics.accounting_metrics(d["old"], d["old"], d["adv"], d["mask"], _cfg(t), d["gids"])
     assert float(m["diag/removed"]) == pytest.approx(0.0, abs=1e-6)
     assert float(m["diag/zeroed"]) == 0.0
-
-
-def test_train_step_logs_the_diagnostic(tmp_path):
-  """Wired into the update: every step's metrics carry diag/*, whatever the loss."""
-  from cispo_jax import data
-  from cispo_jax.model import hf_io
-  from cispo_jax.model.tiny import build_char_tokenizer, make_tiny_model_dir
-  from cispo_jax.train_step import RolloutBatch, StepConfig, _loss_fn
-
-  path = make_tiny_model_dir(str(tmp_path), "qwen2", tokenizer=build_char_tokenizer(data.ALPHABET),
-                             hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, seed=0)
-  model_cfg = hf_io.load_config(path)
-  params = hf_io.load_params(path, model_cfg)
-  B, P, N = 4, 3, 4
-  rng = np.random.default_rng(0)
-  tokens = jnp.asarray(rng.integers(3, 20, (B, P + N)), jnp.int32)
-  mb = RolloutBatch(tokens, jnp.ones((B, P + N), bool), jnp.ones((B, N), jnp.float32),
-                    jnp.full((B, N), -2.0), jnp.zeros((B, N)), jnp.asarray(rng.normal(size=(B, N)), jnp.float32),
-                    jnp.asarray([0, 0, 1, 1], jnp.int32))
-  cfg = StepConfig(model=model_cfg, loss=LossConfig(loss_type="grpo").resolved(), temperature=1.0,
-                   micro_batches=1, num_generations=2, use_ref=False)
-  _, (out, _) = _loss_fn(params, mb, cfg)
-  keys = {k for k in out.metrics if k.startswith("diag/")}
-  assert len(keys) == 2 + 3 * len(diagnostics.SIGNS) * len(diagnostics.BUCKETS)
-  assert 0.0 <= float(out.metrics["diag/zeroed"]) <= 1.0
