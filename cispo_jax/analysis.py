@@ -217,12 +217,15 @@ def _best_A(s, y, R0, A_bounds):
   return float(np.clip(A, *A_bounds))
 
 
-def fit_scalerl(C, R, R0: float | None = None, *, A_bounds=(0.0, 1.0), B_range=(0.1, 10.0)) -> dict:
+def fit_scalerl(C, R, R0: float | None = None, *, A_bounds=(0.0, 1.0), B_range=(0.1, 10.0),
+                min_gain: float = 0.02) -> dict:
   """Fit ScaleRL's sigmoid to one curve. R0 defaults to R at C == 0 (the first eval).
 
   A grid over (log B, log C_mid), A in closed form at each point, then two rounds of a finer grid
   around the best: no starting guess to get wrong and no optimiser to diverge. C_mid ranges over
-  [C_min / 10, C_max * 10] of the points with C > 0. Returns A, B, C_mid, R0, rmse, n_points.
+  [C_min / 10, C_max * 10] of the points with C > 0. Returns A, B, C_mid, R0, rmse, n_points and
+  beyond_data (C_mid > the largest C: the curve has not bent yet, so A and C_mid are
+  extrapolated). A curve with |A - R0| < min_gain has no shape to fit: B and C_mid are None then.
   """
   C, R = np.asarray(C, np.float64), np.asarray(R, np.float64)
   if C.shape != R.shape or C.ndim != 1:
@@ -256,8 +259,10 @@ def fit_scalerl(C, R, R0: float | None = None, *, A_bounds=(0.0, 1.0), B_range=(
     logB = np.linspace(best[2] - db, best[2] + db, 21)
     logM = np.linspace(best[3] - dm, best[3] + dm, 21)
   err, A, lb, lm = best
-  return {"A": A, "B": float(math.exp(lb)), "C_mid": float(math.exp(lm)), "R0": float(R0),
-          "rmse": math.sqrt(err / C.size), "n_points": int(C.size)}
+  flat = abs(A - R0) < min_gain
+  return {"A": A, "B": None if flat else float(math.exp(lb)), "C_mid": None if flat else float(math.exp(lm)),
+          "R0": float(R0), "rmse": math.sqrt(err / C.size), "n_points": int(C.size),
+          "beyond_data": bool((not flat) and math.exp(lm) > C.max())}
 
 
 # ---------------------------------------------------------------------------------------- summary
@@ -340,6 +345,12 @@ def markdown_table(summary: dict) -> str:
            "Gradient weight removed and tokens zeroed: the fork-token diagnostic (train/diag/removed, "
            "train/diag/zeroed_pos_hi + _pos_xhi), mean over a run's iterations (each the mean of its optimizer steps)."]
   for arm, r in summary["arms"].items():
+    fits = [f for f in r["fit_per_seed"] if f]
+    flat = sum(f["B"] is None for f in fits)
+    beyond = sum(bool(f["beyond_data"]) for f in fits)
+    if flat or beyond:
+      notes.append(f"{arm}: of {len(fits)} fits, {flat} had no gain (B, C_mid undetermined, left out) and {beyond} "
+                   "put C_mid beyond the last eval (A and C_mid extrapolated).")
     if r["unfinished"]:
       notes.append(f"{arm}: unfinished runs left out: {', '.join(r['unfinished'])}")
   return "\n".join(lines) + "\n" + "\n".join(notes) + "\n"
@@ -408,6 +419,8 @@ def _json_ready(x):
     return float(x) if np.isfinite(x) else None
   if isinstance(x, np.integer):
     return int(x)
+  if isinstance(x, np.bool_):
+    return bool(x)
   return x
 
 

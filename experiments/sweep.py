@@ -181,12 +181,20 @@ def main(argv=None):
         print("python -m cispo_jax.train " + " ".join(train_argv(arm, seed, args.root, args.gin_param)))
     return {}
 
-  status = {}
+  status, took = {}, []
+  todo = len(arms) * len(args.seeds)
   for arm in arms:  # arm-major: a stopped sweep has whole arms done first
     for seed in args.seeds:
+      t0 = time.perf_counter()
       status[(arm.name, seed)] = s = run_one(arm, seed, args.root, args.gin_param, args.in_process)
       if s == "preempted":
         raise SystemExit(EXIT_PREEMPTED)
+      todo -= 1
+      if s == "ran":
+        took.append(time.perf_counter() - t0)
+        # A rough guide for scheduling: arms differ in cost (u16 runs take longer), so it moves.
+        print(f"  {todo} run(s) left, about {todo * sum(took) / len(took) / 60:.0f} min at the mean so far",
+              flush=True)
   return report(arms, args, status, argv)
 
 

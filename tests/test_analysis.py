@@ -75,6 +75,15 @@ def test_fit_recovers_known_parameters_under_noise(seed):
   assert fit["rmse"] == pytest.approx(0.01, rel=0.5)
 
 
+def test_fit_flags_flat_and_unbent_curves():
+  C = np.concatenate([[0.0], np.geomspace(1e3, 1e5, 10)])
+  flat = analysis.fit_scalerl(C, np.full(11, 0.3))
+  assert flat["B"] is None and flat["C_mid"] is None and flat["A"] == pytest.approx(0.3, abs=0.02)
+  early = analysis.fit_scalerl(C, analysis.scalerl_curve(C, 0.2, 0.9, 1.0, 1e6))  # only the foot of the curve
+  assert early["beyond_data"] and early["C_mid"] > C.max()
+  assert not analysis.fit_scalerl(*_synthetic(0.0))["beyond_data"]
+
+
 def test_fit_refuses_too_few_points():
   with pytest.raises(ValueError, match="needs >= 3"):
     analysis.fit_scalerl([0, 1, 2], [0.1, 0.2, 0.3])
