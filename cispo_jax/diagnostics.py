@@ -55,8 +55,10 @@ def token_gradient_weights(logps_BxT, old_logps_BxT, advantages, mask_BxT, cfg: 
   """
   cfg = cfg.resolved()
   args = [_sg(jnp.asarray(a)) for a in (logps_BxT, old_logps_BxT, advantages)]
-  x, valid, _ = losses.prepare_tokens(*args, mask_BxT, cfg)
-  old = x.logps - x.log_ratio  # equal to the clean old log-probs where the clamp does not bind
+  x, valid, clean = losses.prepare_tokens(*args, mask_BxT, cfg)
+  # The clean old log-probs themselves, not logps - log_ratio: where the log-ratio clamp binds that
+  # would sit exactly on the clamp, where clip's derivative is a tie instead of the loss's 0.
+  old = clean(args[1])
   fn = losses.LOSS_TYPES[cfg.loss_type].fn
 
   def total(logps):

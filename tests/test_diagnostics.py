@@ -135,6 +135,19 @@ def test_accounting_matches_jax_grad_of_policy_loss(cfg):
   assert all(np.isfinite(float(v)) for v in m.values())
 
 
+def test_beyond_the_log_ratio_clamp_matches_the_loss():
+  """A log-ratio past LossConfig.log_ratio_clamp: the loss's gradient there is what the clamp
+  leaves (0 through the ratio), and the accounting must say the same."""
+  old = jnp.full((1, 3), -30.0)
+  logps = jnp.asarray([[-1.0, -30.0, -29.0]])  # log r = 29 (clamped at 20), 0, 1
+  adv, mask = jnp.asarray([-1.0]), jnp.ones((1, 3))  # A < 0: PPO's unclipped branch is active at r = e^29
+  for t in ("grpo", "dapo", "cispo", "sapo"):
+    cfg = _cfg(t)
+    grad = jax.grad(lambda lp: policy_loss(lp, old, adv, mask, cfg).loss_sum)(logps)
+    w = diagnostics.token_gradient_weights(logps, old, adv, mask, cfg)
+    np.testing.assert_allclose(np.asarray(w["agg"] * w["g"]), np.asarray(grad), rtol=1e-5, atol=1e-7)
+
+
 def test_on_policy_nothing_is_removed():
   d = _random_batch()
   for t in ("grpo", "dapo", "cispo"):
