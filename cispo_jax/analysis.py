@@ -190,9 +190,14 @@ def read_run(run_dir: str, arm: str | None = None) -> Run:
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
   """Arms in first-seen order, each with its runs sorted by seed."""
   arms: dict[str, list[Run]] = {}
+  seen: dict[tuple, str] = {}
   for r in runs:
+    if r.seed is not None and (r.arm, r.seed) in seen:  # e.g. the same arm from two sweep roots
+      raise ValueError(f"two runs of arm {r.arm!r} with seed {r.seed}: {seen[(r.arm, r.seed)]} and {r.path}; "
+                       "pass one of them")
+    seen[(r.arm, r.seed)] = r.path
     arms.setdefault(r.arm, []).append(r)
-  return {a: sorted(rs, key=lambda r: (r.seed is None, r.seed)) for a, rs in arms.items()}
+  return {a: sorted(rs, key=lambda r: (r.seed is None, r.seed or 0, r.path)) for a, rs in arms.items()}
 
 
 def first_crossing(x, y, threshold: float) -> float | None:

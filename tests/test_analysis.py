@@ -135,6 +135,13 @@ def test_read_run_errors_name_the_directory(tmp_path):
     analysis.read_run(str(tmp_path / "empty-s0"))
 
 
+def test_the_same_arm_and_seed_twice_is_refused(tmp_path):
+  a = _fake_run(tmp_path / "a", "cispo-s0", [0.2, 0.3])
+  b = _fake_run(tmp_path / "b", "cispo-s0", [0.2, 0.4])
+  with pytest.raises(ValueError, match="two runs of arm 'cispo' with seed 0"):
+    analysis.group_runs([analysis.read_run(a), analysis.read_run(b)])
+
+
 def test_summary_table_and_plots(tmp_path):
   runs = tmp_path / "runs"
   os.makedirs(runs)
