@@ -410,16 +410,16 @@ def analyze(run_dirs: list[str], out_dir: str, threshold: float = 0.5, compute: 
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write(markdown_table(summary))
   with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(_json_ready(summary), f, indent=1)
+    json.dump(json_ready(summary), f, indent=1)
   return summary
 
 
-def _json_ready(x):
+def json_ready(x):
   """NaN -> None (JSON has no NaN), tuples -> lists, numpy scalars -> Python."""
   if isinstance(x, dict):
-    return {k: _json_ready(v) for k, v in x.items()}
+    return {k: json_ready(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_json_ready(v) for v in x]
+    return [json_ready(v) for v in x]
   if isinstance(x, (float, np.floating)):
     return float(x) if np.isfinite(x) else None
   if isinstance(x, np.integer):

@@ -142,7 +142,8 @@ def bootstrap_start(d: str) -> str | None:
   path = os.path.join(d, "operative_config.gin")
   if not os.path.exists(path):
     return None
-  text = open(path).read()
+  with open(path) as f:
+    text = f.read()
   m = re.search(r"^# bootstrap model: RLConfig\.model_dir = '(.*)'$", text, re.M)
   if m:
     return os.path.abspath(m.group(1))
@@ -201,12 +202,21 @@ def main(argv=None):
 def report(arms: list[Arm], args, status: dict, argv: list[str]) -> dict:
   from cispo_jax import analysis  # here: --dry_run and the runs themselves need no jax in this process
 
+  failed = [f"{a}-s{s}" for (a, s), st in status.items() if st == "failed"]
   dirs = [run_dir(args.root, a, s) for a in arms for s in args.seeds
           if os.path.exists(os.path.join(run_dir(args.root, a, s), "metrics.jsonl"))]
+  if not dirs:
+    raise SystemExit(f"sweep: no run wrote metrics (failed: {', '.join(failed) or 'none'}); nothing to tabulate")
+  with_runs = {os.path.basename(d).rsplit("-s", 1)[0] for d in dirs}
+  reference = args.reference or arms[0].name
+  if reference not in with_runs:  # its runs all failed early: the table goes without the paired column
+    print(f"sweep: reference arm {reference!r} has no runs; no paired column", flush=True)
+    reference = None
   out = args.out or os.path.join(args.root, "results")
-  summary = analysis.analyze(dirs, out, args.threshold, reference=args.reference or arms[0].name)
-  starts = {a.name: sorted({bootstrap_start(run_dir(args.root, a, s)) or "?" for s in args.seeds}) for a in arms}
-  failed = [f"{a}-s{s}" for (a, s), st in status.items() if st == "failed"]
+  summary = analysis.analyze(dirs, out, args.threshold, reference=reference)
+  # A run that died before writing its config has no start to report: left out of the check.
+  starts = {a.name: sorted({p for s in args.seeds if (p := bootstrap_start(run_dir(args.root, a, s)))})
+            for a in arms}
   notes = ["", "Starts (the model each arm's runs loaded): " +
            "; ".join(f"{a}: {', '.join(v)}" for a, v in starts.items())]
   if len({tuple(v) for v in starts.values()}) > 1 or any(len(v) > 1 for v in starts.values()):
@@ -220,7 +230,7 @@ def report(arms: list[Arm], args, status: dict, argv: list[str]) -> dict:
     print(f.read())
   summary.update(starts=starts, failed=failed)
   with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(analysis._json_ready(summary), f, indent=1)
+    json.dump(analysis.json_ready(summary), f, indent=1)
   if failed:
     raise SystemExit(f"sweep: {len(failed)} run(s) failed: {', '.join(failed)}")
   return summary

@@ -128,3 +128,11 @@ def test_seeds_vary_the_training_problems_not_the_held_out_sample():
   assert held0 == held3
   assert list(train0) != list(train3)
   assert not {e.prompt for e in held0} & {e.prompt for e in train3}  # still disjoint
+
+
+def test_a_run_that_fails_is_reported(tmp_path, capsys):
+  """A run that crashes (here: no model where model_dir points) is counted failed, not fatal."""
+  with pytest.raises(SystemExit, match="no run wrote metrics \\(failed: broken-s0\\)"):
+    sweep.main([f"broken=cispo.gin@RLConfig.model_dir='{tmp_path / 'no_model'}'", "--seeds", "0",
+                "--root", str(tmp_path / "r"), "--in_process"])
+  assert "exit 1" in capsys.readouterr().out
