@@ -125,6 +125,8 @@ class Run:
   # r > 1.2 (the clipped "fork" tokens of claim (a)). None for runs logged before it existed.
   diag_removed: float | None = None
   diag_zeroed_pos_high: float | None = None
+  # The same per iteration: {iteration: (removed, zeroed with A > 0 and r > 1.2)}.
+  diag_series: dict = dataclasses.field(default_factory=dict)
 
   @property
   def final(self) -> float:
@@ -178,13 +180,15 @@ def read_run(run_dir: str, arm: str | None = None) -> Run:
   if os.path.exists(summary_path):
     with open(summary_path) as f:
       seconds = json.load(f).get("seconds")
-  diag = [r for r in (by_iter[i] for i in iters) if r.get("train/diag/removed") is not None]
-  removed = float(np.mean([r["train/diag/removed"] for r in diag])) if diag else None
-  zeroed = (float(np.mean([r.get("train/diag/zeroed_pos_hi", 0.0) + r.get("train/diag/zeroed_pos_xhi", 0.0)
-                           for r in diag])) if diag else None)
+  def zeroed_high(row):
+    return (row.get("train/diag/zeroed_pos_hi") or 0.0) + (row.get("train/diag/zeroed_pos_xhi") or 0.0)
+  series = {i: (by_iter[i]["train/diag/removed"], zeroed_high(by_iter[i]))
+            for i in iters if by_iter[i].get("train/diag/removed") is not None}
+  removed = float(np.mean([v[0] for v in series.values()])) if series else None
+  zeroed = float(np.mean([v[1] for v in series.values()])) if series else None
   return Run(run_dir, arm, seed, seconds is not None, eval_iteration,
              np.array([by_iter[i][EVAL_KEY] for i in eval_iteration], np.float64), compute, updates, seconds,
-             removed, zeroed)
+             removed, zeroed, series)
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
@@ -363,37 +367,71 @@ def markdown_table(summary: dict) -> str:
 
 # ---------------------------------------------------------------------------------------- plots
 
-def plot_mean_curves(arms: dict[str, list[Run]], path: str, x_axis: str = "iteration", level: float = 0.95) -> str:
-  """Mean held-out pass@1 per arm with its t-interval band, against x_axis. Seeds are aligned on
-  the eval iterations they share; on a compute axis x is the seeds' mean compute there."""
+def _pyplot():
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
+
+
+def _band(ax, xs, ys_SxE, label: str, level: float, marker="o"):
+  """The mean over seeds (rows) with its t-interval as a shaded band."""
+  stats = [mean_ci(col, level) for col in np.asarray(ys_SxE, np.float64).T]
+  mean = np.array([m for m, _ in stats])
+  half = np.nan_to_num(np.array([h for _, h in stats]))
+  line, = ax.plot(xs, mean, marker=marker, ms=3, label=label)
+  ax.fill_between(xs, mean - half, mean + half, color=line.get_color(), alpha=0.2)
+
+
+def _save(fig, ax_list, path: str, title: str) -> str:
+  for ax in ax_list:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=90)
+  _pyplot().close(fig)
+  return path
+
+
+def plot_mean_curves(arms: dict[str, list[Run]], path: str, x_axis: str = "iteration", level: float = 0.95) -> str:
+  """Mean held-out pass@1 per arm with its t-interval band, against x_axis. Seeds are aligned on
+  the eval iterations they share; on a compute axis x is the seeds' mean compute there."""
   if x_axis not in COMPUTE_AXES:
     raise ValueError(f"x_axis={x_axis!r}; allowed: {COMPUTE_AXES}")
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _pyplot().subplots(figsize=(6, 4))
   for arm, runs in arms.items():
     done = [r for r in runs if r.finished] or runs
     common = sorted(set.intersection(*(set(r.eval_iteration.tolist()) for r in done)))
     if not common:
       continue
-    ys = np.array([[r.pass_at_1[list(r.eval_iteration).index(i)] for i in common] for r in done])
-    xs = np.array([[r.compute[x_axis][list(r.eval_iteration).index(i)] for i in common] for r in done]).mean(0)
-    stats = [mean_ci(col, level) for col in ys.T]
-    mean = np.array([m for m, _ in stats])
-    half = np.nan_to_num(np.array([h for _, h in stats]))
-    line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{arm} (n={len(done)})")
-    ax.fill_between(xs, mean - half, mean + half, color=line.get_color(), alpha=0.2)
-  ax.set_xlabel(x_axis.replace("_", " "))
-  ax.set_ylabel("held-out greedy pass@1")
-  ax.set_title(f"mean ± {int(round(100 * level))}% interval over seeds")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return path
+    pos = [[list(r.eval_iteration).index(i) for i in common] for r in done]
+    ys = np.array([r.pass_at_1[p] for r, p in zip(done, pos)])
+    xs = np.array([r.compute[x_axis][p] for r, p in zip(done, pos)]).mean(0)
+    _band(ax, xs, ys, f"{arm} (n={len(done)})", level)
+  ax.set(xlabel=x_axis.replace("_", " "), ylabel="held-out greedy pass@1")
+  return _save(fig, [ax], path, f"mean ± {int(round(100 * level))}% interval over seeds")
+
+
+def plot_diag_curves(arms: dict[str, list[Run]], path: str, level: float = 0.95) -> str | None:
+  """The fork-token diagnostic per iteration, mean and band over seeds: the share of gradient weight
+  each arm's loss removed, and the share of tokens zeroed with A > 0 and r > 1.2. None when no run
+  logged it."""
+  if not any(r.diag_series for runs in arms.values() for r in runs):
+    return None
+  fig, axes = _pyplot().subplots(1, 2, figsize=(10, 3.8))
+  for arm, runs in arms.items():
+    done = [r for r in runs if r.diag_series]
+    common = sorted(set.intersection(*(set(r.diag_series) for r in done))) if done else []
+    if not common:
+      continue
+    for j, ax in enumerate(axes):
+      _band(ax, common, [[100 * r.diag_series[i][j] for i in common] for r in done], f"{arm} (n={len(done)})",
+            level, marker=None)
+  axes[0].set(xlabel="RL iteration", ylabel="%", title="policy-gradient weight removed by clip / mask")
+  axes[1].set(xlabel="RL iteration", ylabel="% of tokens", title="tokens with A > 0, r > 1.2 given zero gradient")
+  return _save(fig, axes, path, f"fork-token diagnostic, mean ± {int(round(100 * level))}% interval over seeds")
 
 
 def analyze(run_dirs: list[str], out_dir: str, threshold: float = 0.5, compute: str = "rollout_tokens",
@@ -406,6 +444,9 @@ def analyze(run_dirs: list[str], out_dir: str, threshold: float = 0.5, compute: 
   os.makedirs(out_dir, exist_ok=True)
   summary["plots"] = [plot_mean_curves(arms, os.path.join(out_dir, "curves_step.png"), "iteration"),
                       plot_mean_curves(arms, os.path.join(out_dir, f"curves_{compute}.png"), compute)]
+  diag_plot = plot_diag_curves(arms, os.path.join(out_dir, "diag.png"))
+  if diag_plot:
+    summary["plots"].append(diag_plot)
   summary["runs"] = {arm: [r.path for r in rs] for arm, rs in arms.items()}
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write(markdown_table(summary))

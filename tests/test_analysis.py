@@ -164,7 +164,7 @@ def test_summary_table_and_plots(tmp_path):
   assert cispo["fit"]["A"][0] == pytest.approx(0.8, abs=0.05)
   text = (out / "results.md").read_text()
   assert "| cispo | 3 |" in text and "grpo-s9" in text
-  for name in ("curves_step.png", "curves_rollout_tokens.png", "results.json"):
+  for name in ("curves_step.png", "curves_rollout_tokens.png", "diag.png", "results.json"):
     assert (out / name).stat().st_size > 0
   loaded = json.loads((out / "results.json").read_text())  # strict JSON: NaN written as null
   assert loaded["arms"]["cispo"]["final"][0] == pytest.approx(cispo["final"][0])
