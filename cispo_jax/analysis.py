@@ -1,6 +1,6 @@
 """Runs over seeds: intervals, threshold crossings, the ScaleRL curve fit, and plots.
 
-    python -m cispo_jax.analysis runs/sweep/*-s* --out experiments/results/quick [--threshold 0.5]
+    python -m cispo_jax.analysis runs/quick --out experiments/results/quick [--threshold 0.5]
 
 A run directory is what the trainer writes (metrics.jsonl, operative_config.gin, summary.json
 when finished). Directories named <arm>-s<seed> (the sweep's layout) are grouped into arms;
@@ -434,10 +434,26 @@ def plot_diag_curves(arms: dict[str, list[Run]], path: str, level: float = 0.95)
   return _save(fig, axes, path, f"fork-token diagnostic, mean ± {int(round(100 * level))}% interval over seeds")
 
 
+def expand_run_dirs(paths: list[str]) -> list[str]:
+  """Run directories as given; a directory without metrics.jsonl that holds <arm>-s<seed> run
+  directories (a sweep's root) stands for those."""
+  out = []
+  for p in paths:
+    if not os.path.exists(os.path.join(p, "metrics.jsonl")) and os.path.isdir(p):
+      runs = sorted(os.path.join(p, d) for d in os.listdir(p)
+                    if _RUN_NAME.match(d) and os.path.exists(os.path.join(p, d, "metrics.jsonl")))
+      if runs:
+        out += runs
+        continue
+    out.append(p)
+  return out
+
+
 def analyze(run_dirs: list[str], out_dir: str, threshold: float = 0.5, compute: str = "rollout_tokens",
             reference: str | None = None) -> dict:
-  """Read the runs, write results.md, results.json and the two plots to out_dir; return the summary."""
-  arms = group_runs([read_run(d) for d in run_dirs])
+  """Read the runs (or sweep roots, expand_run_dirs), write results.md, results.json and the plots to
+  out_dir; return the summary."""
+  arms = group_runs([read_run(d) for d in expand_run_dirs(run_dirs)])
   if reference is not None and reference not in arms:
     raise ValueError(f"reference arm {reference!r} is not among the arms {list(arms)}")
   summary = summarize(arms, threshold, compute, reference)
@@ -472,7 +488,7 @@ def json_ready(x):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("run_dirs", nargs="+", help="run directories; <arm>-s<seed> names group into arms")
+  ap.add_argument("run_dirs", nargs="+", help="run directories (<arm>-s<seed> names group into arms) or sweep roots")
   ap.add_argument("--out", required=True, help="directory for results.md, results.json and PNGs")
   ap.add_argument("--threshold", type=float, default=0.5, help="held-out pass@1 to count steps / compute to")
   ap.add_argument("--compute", default="rollout_tokens", choices=COMPUTE_AXES)

@@ -135,6 +135,14 @@ def test_read_run_errors_name_the_directory(tmp_path):
     analysis.read_run(str(tmp_path / "empty-s0"))
 
 
+def test_a_sweep_root_stands_for_its_runs(tmp_path):
+  a = _fake_run(tmp_path, "cispo-s0", [0.2, 0.3])
+  b = _fake_run(tmp_path, "grpo-s1", [0.2, 0.4])
+  os.makedirs(tmp_path / "results")  # not a run: left out
+  assert analysis.expand_run_dirs([str(tmp_path)]) == [a, b]
+  assert analysis.expand_run_dirs([a]) == [a]
+
+
 def test_the_same_arm_and_seed_twice_is_refused(tmp_path):
   a = _fake_run(tmp_path / "a", "cispo-s0", [0.2, 0.3])
   b = _fake_run(tmp_path / "b", "cispo-s0", [0.2, 0.4])
