@@ -1,4 +1,4 @@
-"""Analysis of runs over seeds: t intervals, threshold crossings, the ScaleRL fit, tables and plots."""
+"""Runs over seeds: t intervals and the ScaleRL fit (stats.py), threshold crossings, tables and plots."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from cispo_jax import analysis
+from cispo_jax import analysis, stats
 
 # Student-t 0.975 quantiles (and one 0.995) from statistical tables.
 T_TABLE = [(0.975, 1, 12.706205), (0.975, 2, 4.302653), (0.975, 4, 2.776445), (0.975, 9, 2.262157),
@@ -16,25 +16,25 @@ T_TABLE = [(0.975, 1, 12.706205), (0.975, 2, 4.302653), (0.975, 4, 2.776445), (0
 
 @pytest.mark.parametrize("p, df, want", T_TABLE)
 def test_t_quantile_matches_tables(p, df, want):
-  assert analysis.t_quantile(p, df) == pytest.approx(want, rel=1e-5)
-  assert analysis.t_quantile(1 - p, df) == pytest.approx(-want, rel=1e-5)
-  assert analysis.t_cdf(want, df) == pytest.approx(p, abs=1e-7)
+  assert stats.t_quantile(p, df) == pytest.approx(want, rel=1e-5)
+  assert stats.t_quantile(1 - p, df) == pytest.approx(-want, rel=1e-5)
+  assert stats.t_cdf(want, df) == pytest.approx(p, abs=1e-7)
 
 
 def test_t_quantile_refuses_bad_input():
   with pytest.raises(ValueError, match="p=1.5"):
-    analysis.t_quantile(1.5, 3)
+    stats.t_quantile(1.5, 3)
   with pytest.raises(ValueError, match="df=0"):
-    analysis.t_quantile(0.9, 0)
+    stats.t_quantile(0.9, 0)
 
 
 def test_mean_ci_known_values():
-  mean, half = analysis.mean_ci([1.0, 2.0, 3.0])
+  mean, half = stats.mean_ci([1.0, 2.0, 3.0])
   assert mean == 2.0
   assert half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)
-  assert analysis.mean_ci([0.4])[0] == 0.4 and math.isnan(analysis.mean_ci([0.4])[1])
-  assert all(math.isnan(v) for v in analysis.mean_ci([]))
-  assert analysis.mean_ci([0.5, None, 0.7])[0] == pytest.approx(0.6)  # missing values left out
+  assert stats.mean_ci([0.4])[0] == 0.4 and math.isnan(stats.mean_ci([0.4])[1])
+  assert all(math.isnan(v) for v in stats.mean_ci([]))
+  assert stats.mean_ci([0.5, None, 0.7])[0] == pytest.approx(0.6)  # missing values left out
 
 
 def test_mean_ci_covers_the_true_mean_at_its_level():
@@ -42,7 +42,7 @@ def test_mean_ci_covers_the_true_mean_at_its_level():
   covered = []
   for _ in range(2000):
     x = rng.normal(0.3, 0.1, 4)
-    m, h = analysis.mean_ci(x)
+    m, h = stats.mean_ci(x)
     covered.append(abs(m - 0.3) <= h)
   assert np.mean(covered) == pytest.approx(0.95, abs=0.015)
 
@@ -52,13 +52,13 @@ TRUE = dict(R0=0.2, A=0.75, B=1.3, C_mid=3e5)
 
 def _synthetic(noise, seed=0, n=16):
   C = np.concatenate([[0.0], np.geomspace(2e4, 5e6, n)])
-  R = analysis.scalerl_curve(C, **TRUE)
+  R = stats.scalerl_curve(C, **TRUE)
   R[1:] += np.random.default_rng(seed).normal(0, noise, n)
   return C, R
 
 
 def test_fit_recovers_known_parameters_exactly_without_noise():
-  fit = analysis.fit_scalerl(*_synthetic(0.0))
+  fit = stats.fit_scalerl(*_synthetic(0.0))
   assert fit["R0"] == TRUE["R0"]
   assert fit["A"] == pytest.approx(TRUE["A"], rel=1e-3)
   assert fit["B"] == pytest.approx(TRUE["B"], rel=1e-2)
@@ -68,7 +68,7 @@ def test_fit_recovers_known_parameters_exactly_without_noise():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fit_recovers_known_parameters_under_noise(seed):
-  fit = analysis.fit_scalerl(*_synthetic(0.01, seed))
+  fit = stats.fit_scalerl(*_synthetic(0.01, seed))
   assert fit["A"] == pytest.approx(TRUE["A"], abs=0.03)
   assert fit["B"] == pytest.approx(TRUE["B"], rel=0.25)
   assert fit["C_mid"] == pytest.approx(TRUE["C_mid"], rel=0.25)
@@ -77,18 +77,18 @@ def test_fit_recovers_known_parameters_under_noise(seed):
 
 def test_fit_flags_flat_and_unbent_curves():
   C = np.concatenate([[0.0], np.geomspace(1e3, 1e5, 10)])
-  flat = analysis.fit_scalerl(C, np.full(11, 0.3))
+  flat = stats.fit_scalerl(C, np.full(11, 0.3))
   assert flat["B"] is None and flat["C_mid"] is None and flat["A"] == pytest.approx(0.3, abs=0.02)
-  early = analysis.fit_scalerl(C, analysis.scalerl_curve(C, 0.2, 0.9, 1.0, 1e6))  # only the foot of the curve
+  early = stats.fit_scalerl(C, stats.scalerl_curve(C, 0.2, 0.9, 1.0, 1e6))  # only the foot of the curve
   assert early["beyond_data"] and early["C_mid"] > C.max()
-  assert not analysis.fit_scalerl(*_synthetic(0.0))["beyond_data"]
+  assert not stats.fit_scalerl(*_synthetic(0.0))["beyond_data"]
 
 
 def test_fit_refuses_too_few_points():
   with pytest.raises(ValueError, match="needs >= 3"):
-    analysis.fit_scalerl([0, 1, 2], [0.1, 0.2, 0.3])
+    stats.fit_scalerl([0, 1, 2], [0.1, 0.2, 0.3])
   with pytest.raises(ValueError, match="no point at C == 0"):
-    analysis.fit_scalerl([1, 2, 3], [0.1, 0.2, 0.3])
+    stats.fit_scalerl([1, 2, 3], [0.1, 0.2, 0.3])
 
 
 def test_first_crossing():
@@ -155,7 +155,7 @@ def test_summary_table_and_plots(tmp_path):
   os.makedirs(runs)
   dirs = []
   for s, shift in enumerate([0.0, 0.02, -0.02]):
-    a = np.clip(analysis.scalerl_curve(np.arange(0, 12) * 200.0, 0.2, 0.8, 1.5, 600.0) + shift, 0, 1)
+    a = np.clip(stats.scalerl_curve(np.arange(0, 12) * 200.0, 0.2, 0.8, 1.5, 600.0) + shift, 0, 1)
     b = np.clip(a - 0.1, 0, 1)
     b[0] = a[0]
     dirs.append(_fake_run(runs, f"cispo-s{s}", list(a)))
