@@ -338,6 +338,22 @@ def _masked_stats(x_BxT, mask_BxT, n):
   return mean, lo, hi
 
 
+def prepare_tokens(logps_BxT, old_logps_BxT, advantages, mask_BxT, cfg: LossConfig):
+  """(Tokens, valid_BxT, clean): what a loss type sees, f32, with padded positions zeroed.
+
+  cfg must be resolved. Shared by policy_loss and diagnostics.py, so both see the same ratio.
+  """
+  B, T = mask_BxT.shape
+  valid = mask_BxT > 0
+  # jnp.where, not a product: garbage (inf/nan) at padded positions must not reach values or grads.
+  clean = lambda x: jnp.where(valid, x.astype(jnp.float32), 0.0)  # noqa: E731
+  logps, old_logps = clean(logps_BxT), clean(old_logps_BxT)
+  adv = advantages.astype(jnp.float32)
+  adv = clean(adv if adv.ndim == 2 else jnp.broadcast_to(adv[:, None], (B, T)))
+  log_ratio = jnp.clip(logps - old_logps, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+  return Tokens(logps, log_ratio, jnp.exp(log_ratio), adv, valid.astype(jnp.float32)), valid, clean
+
+
 def policy_loss(logps_BxT, old_logps_BxT, advantages, mask_BxT, cfg: LossConfig, *,
                 ref_logps_BxT=None, entropy_BxT=None, group_ids_B=None) -> LossOutput:
   """The policy loss of one (micro-)batch; see the module docstring for the conventions.
@@ -363,16 +379,8 @@ def policy_loss(logps_BxT, old_logps_BxT, advantages, mask_BxT, cfg: LossConfig,
     raise ValueError(f"mask_BxT has {T} tokens per row > LossConfig.max_completion_length="
                      f"{cfg.max_completion_length}")
 
-  valid = mask_BxT > 0
-  mask = valid.astype(jnp.float32)
-  # jnp.where, not a product: garbage (inf/nan) at padded positions must not reach values or grads.
-  clean = lambda x: jnp.where(valid, x.astype(jnp.float32), 0.0)
-  logps, old_logps = clean(logps_BxT), clean(old_logps_BxT)
-  adv = advantages.astype(jnp.float32)
-  adv = clean(adv if adv.ndim == 2 else jnp.broadcast_to(adv[:, None], (B, T)))
-  log_ratio = jnp.clip(logps - old_logps, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
-  ratio = jnp.exp(log_ratio)
-  x = Tokens(logps, log_ratio, ratio, adv, mask)
+  x, valid, clean = prepare_tokens(logps_BxT, old_logps_BxT, advantages, mask_BxT, cfg)
+  logps, log_ratio, ratio, mask = x.logps, x.log_ratio, x.ratio, x.mask
 
   pg_BxT, stats = LOSS_TYPES[cfg.loss_type].fn(x, cfg)
   pg_BxT = jnp.where(valid, pg_BxT, 0.0)

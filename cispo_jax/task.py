@@ -97,8 +97,15 @@ class TaskConfig:
     return train, held
 
 
+# The held-out sample of a built-in task is drawn with this seed whatever the run's seed: runs over
+# seeds (experiments/sweep.py) then differ in training randomness, not in the problems they are
+# scored on, so their spread and the gaps between arms are not inflated by eval sampling.
+EVAL_SEED = 0
+
+
 def make_sources(cfg: TaskConfig, seed: int) -> tuple[Sequence[data_lib.Example], list[data_lib.Example]]:
-  """(train source, held-out examples); deterministic in (cfg, seed), disjoint by construction."""
+  """(train source, held-out examples); the train split deterministic in (cfg, seed), the held-out one
+  in cfg alone (EVAL_SEED); disjoint by construction."""
   if cfg.task == "jsonl":
     examples = data_lib.load_jsonl(cfg.train_path, cfg.prompt_key, cfg.answer_key)
     if cfg.eval_path:
@@ -113,7 +120,7 @@ def make_sources(cfg: TaskConfig, seed: int) -> tuple[Sequence[data_lib.Example]
           "or more are needed): add examples, change TaskConfig.eval_fraction, or give TaskConfig.eval_path")
     return train, held
   train = data_lib.make_task(cfg.task, cfg.train_size, seed=seed, split="train", **cfg.task_args)
-  held = data_lib.make_task(cfg.task, cfg.eval_size, seed=seed, split="eval", **cfg.task_args)
+  held = data_lib.make_task(cfg.task, cfg.eval_size, seed=EVAL_SEED, split="eval", **cfg.task_args)
   return train, list(held)
 
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cispo_jax import losses
+from cispo_jax import diagnostics, losses
 from cispo_jax.model import ModelConfig, hidden_states, lm_head
 from cispo_jax.model.logprobs import token_logps_and_entropy_chunked
 
@@ -98,6 +98,9 @@ def _loss_fn(params, mb: RolloutBatch, cfg: StepConfig, old_from_current=None):
   out = losses.policy_loss(logps_BxN, old_BxN, mb.adv_BxN, mb.mask_BxN, cfg.loss,
                            ref_logps_BxT=mb.ref_logps_BxN if cfg.use_ref else None,
                            entropy_BxT=entropy_BxN, group_ids_B=mb.group_ids_B)
+  # The fork-token diagnostic (diagnostics.py), whatever the loss: a few elementwise ops, metrics only.
+  out.metrics.update(diagnostics.accounting_metrics(logps_BxN, old_BxN, mb.adv_BxN, mb.mask_BxN, cfg.loss,
+                                                    group_ids_B=mb.group_ids_B))
   return out.loss_sum, (out, logps_BxN)
 
 

@@ -113,6 +113,9 @@ class ArithmeticTask(_Task):
 
   Two-operand additions also carry meta["scratchpad"], the column-addition working
   ("3+8=11,2+5+1=8:81") that ends in the answer (see the `final_numeric` reward).
+  `scratchpad_marker` (e.g. "(") opens every worked solution with a token no bare answer starts
+  with: the fork between the two behaviours is then one token at the first position, which
+  experiments/fork_probe.py measures (a warm start with few worked solutions rarely emits it).
 
   Usual precedence applies ("2+3*4=" -> "14"). Division is exact by construction: the
   divisor is drawn from the operand range and so is the quotient, so the dividend may
@@ -121,8 +124,12 @@ class ArithmeticTask(_Task):
 
   def __init__(self, size: int, seed: int = 0, split: str = "train", min_operand: int = 0,
                max_operand: int = 99, ops: str = "+-", num_operands: int = 2,
-               eval_fraction: float = 0.1):
+               eval_fraction: float = 0.1, scratchpad_marker: str = ""):
     _check_common("arithmetic", size, split, ops, eval_fraction)
+    marker_ok = all(c in ALPHABET for c in scratchpad_marker) and scratchpad_marker[:1] not in tuple("0123456789-")
+    if scratchpad_marker and not marker_ok:
+      raise ValueError(f"arithmetic: scratchpad_marker={scratchpad_marker!r} must use characters of {ALPHABET!r} "
+                       "and must not start like a bare answer (a digit or '-')")
     if not 0 <= min_operand <= max_operand:
       raise ValueError(f"arithmetic: need 0 <= min_operand <= max_operand, got {min_operand}, {max_operand}")
     if num_operands < 2:
@@ -141,7 +148,7 @@ class ArithmeticTask(_Task):
       answer = str(int(evaluate(text)))
       meta = {"task": "arithmetic"}
       if chosen == ["+"]:  # a worked solution, for warm starts that mix direct and step-by-step answers
-        meta["scratchpad"] = addition_scratchpad(*operands)
+        meta["scratchpad"] = scratchpad_marker + addition_scratchpad(*operands)
       return prompt, Example(prompt, answer, meta)
 
     self._examples = _sample_unique("arithmetic", draw, size, seed, split, eval_fraction)
