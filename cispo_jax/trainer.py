@@ -27,10 +27,12 @@ from cispo_jax import data as data_lib
 from cispo_jax import losses, sampling, sharding
 from cispo_jax.checkpoint import Checkpointer, abstract_like
 from cispo_jax.compile_cache import CompileClock
+from cispo_jax.evaluation import Evaluator
 from cispo_jax.metrics import MetricWriter, plot_curves
 from cispo_jax.model import hf_io, logical_axes, param_shapes
 from cispo_jax.optim import OptimConfig, make_optimizer
-from cispo_jax.task import Scorer, TaskConfig, make_sources
+from cispo_jax.profiler import IterationProfiler, check_iterations
+from cispo_jax.task import HELDOUT, Scorer, TaskConfig, make_sources
 from cispo_jax.update_plan import group_quantum, plan_update
 from cispo_jax.train_step import (RolloutBatch, StepConfig, TrainState, completion_logps, epoch_permutations,
                                   update_on_rollout)
@@ -101,6 +103,8 @@ class RLConfig:
   #   them on the host before the update, and a later minibatch needs the pre-update params: then the separate
   #   forward runs as before. logp_gap/sampler_vs_trainer is computed after the update then.
   old_logps_in_update: bool = True
+  profile_iterations: tuple[int, ...] = ()  # (i, j): jax.profiler trace of iterations i..j into <run_dir>/profile
+  wandb_project: str = ""  # also log to Weights & Biases (optional package; WANDB_MODE=offline works offline)
 
   def __post_init__(self):
     positive = ("total_steps", "prompts_per_step", "num_generations", "num_iterations",
@@ -117,6 +121,7 @@ class RLConfig:
       raise ValueError(f"RLConfig.advantage={self.advantage!r}; allowed: {sorted(adv_lib.ADVANTAGE_ESTIMATORS)}")
     if not self.temperature > 0:
       raise ValueError(f"RLConfig.temperature={self.temperature}; must be > 0")
+    check_iterations(self.profile_iterations)
 
 
 def run_loss_config(loss: losses.LossConfig, rl: RLConfig) -> losses.LossConfig:
@@ -204,12 +209,18 @@ class Trainer:
     train_src, eval_examples = task.check_sources(
         train_src, eval_examples, self.tokenizer, self.model_cfg, max_new_tokens=rl.max_new_tokens,
         prompt_buckets=rl.prompt_buckets, apply_chat_template=rl.apply_chat_template)
-    per = min(rl.eval_size, len(eval_examples)) // nproc
-    self.eval_examples = eval_examples[proc * per:(proc + 1) * per]  # this process's share
+    # Evaluated every eval_every: the held-out split, then TaskConfig.eval_sets (evaluation.py shards each).
+    self.eval_sets = {HELDOUT: eval_examples[:min(rl.eval_size, len(eval_examples))], **task.eval_sources(
+        self.tokenizer, self.model_cfg, max_new_tokens=rl.max_new_tokens, prompt_buckets=rl.prompt_buckets,
+        apply_chat_template=rl.apply_chat_template)}
     self.stream = data_lib.PromptStream(train_src, rl.prompts_per_step, seed=rl.seed).shard(proc, nproc)
     self.scorer = Scorer(task)
     self.train_sampling = _sampling_config(rl, self.tokenizer, greedy=False, n=rl.num_generations)
     self.eval_sampling = _sampling_config(rl, self.tokenizer, greedy=True, n=1)
+    self.evaluator = Evaluator(
+        self._generate, self._local_rows, self.tokenizer, self.scorer, greedy_cfg=self.eval_sampling,
+        sampled_cfg=_sampling_config(rl, self.tokenizer, greedy=False, n=task.eval_samples) if task.eval_samples
+        else None, ks=task.pass_k(), batch_size=task.eval_batch_size, seed=rl.seed)
 
     # --- jitted functions ------------------------------------------------------------------
     self.step_cfg = StepConfig(model=self.model_cfg, loss=self.loss_cfg, temperature=rl.temperature,
@@ -249,7 +260,9 @@ class Trainer:
       log.info("resumed from %s at iteration %d", self.ckpt.directory, self.iteration)
     # Rows after the checkpoint (or all, when there is none) came from a dead attempt: dropped.
     self.writer = MetricWriter(rl.run_dir, enabled=self.main,
-                               resume_from=self.iteration if restored is not None else None)
+                               resume_from=self.iteration if restored is not None else None,
+                               wandb_project=rl.wandb_project, hparams=_bindings(operative_config))
+    self.profiler = IterationProfiler(rl.profile_iterations, os.path.join(rl.run_dir, "profile"), self.main)
     self._stop_signal: str | None = None
     self._handlers: dict = {}
     self.compile_clock, self.time_totals = CompileClock(), {}
@@ -413,14 +426,12 @@ class Trainer:
           f"rate or check the rewards (metrics.jsonl: train/skipped_nonfinite).")
 
   # --- eval --------------------------------------------------------------------------------
-  def evaluate(self) -> float:
-    """Held-out greedy pass@1 (first reward >= 1 counts as a pass)."""
-    examples = self.eval_examples
-    out = self._generate(self.state.params, examples, jax.random.PRNGKey(0), self.eval_sampling)
-    rows = self._local_rows(out.tokens_BxN.shape[0])
-    texts = sampling.decode_completions(self.tokenizer, jax.tree.map(lambda x: x[rows], out))
-    correct = self.scorer.passed(texts, examples).astype(np.float32)
-    return float(_allgather_host(correct).mean())
+  def evaluate(self) -> dict[str, float]:
+    """evaluation.Evaluator on the held-out split and TaskConfig.eval_sets (first reward >= 1 is a pass);
+    "eval/pass_at_1" is the held-out greedy pass@1. Per-example outputs: <run_dir>/eval/iteration_<i>.jsonl."""
+    out = os.path.join(self.rl.run_dir, "eval", f"iteration_{self.iteration:06d}.jsonl")
+    metrics = self.evaluator(self.state.params, self.eval_sets, out)
+    return {"eval/pass_at_1": metrics[f"eval/{HELDOUT}/greedy/pass_at_1"], **metrics}
 
   # --- the run -----------------------------------------------------------------------------
   def _host_state(self) -> dict:
@@ -447,8 +458,9 @@ class Trainer:
     """Run to total_steps (or stop after `stop_after` more iterations, as tests interrupt). Returns a summary."""
     rl = self.rl
     if self.eval_start is None:
-      self.eval_start = self.evaluate()
-      self.writer.write(self.iteration, {"eval/pass_at_1": self.eval_start})
+      first = self.evaluate()
+      self.eval_start = first["eval/pass_at_1"]
+      self.writer.write(self.iteration, first)
     bar = _progress(rl.total_steps, self.iteration, enabled=self.main)
     t_start, done, last_eval, stopped_by = time.perf_counter(), 0, None, None
     t_prev, save_s = t_start, 0.0
@@ -456,11 +468,13 @@ class Trainer:
       if self._should_stop():  # checked before each iteration, so a signal during the last one still finishes
         stopped_by = self._stop_signal or "a signal to another process"
         break
+      self.profiler.before(self.iteration + 1)
       metrics = self.step()
       done += 1
       t_eval = time.perf_counter()
       if self.iteration % rl.eval_every == 0 or self.iteration == rl.total_steps:
-        last_eval = metrics["eval/pass_at_1"] = self.evaluate()
+        metrics.update(self.evaluate())
+        last_eval = metrics["eval/pass_at_1"]
       now = time.perf_counter()
       # Every second between two rows is in one phase: the previous row's checkpoint save, this step's
       # phases, eval, and "other" (host bookkeeping, logging). Compile time overlaps the phases.
@@ -476,7 +490,9 @@ class Trainer:
       bar.update(1)
       bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", loss=f"{metrics.get('train/loss', 0):.3g}",
                       eval_pass1=f"{self.eval_start if last_eval is None else last_eval:.3f}")
+      self.profiler.after(self.iteration)
     bar.close()
+    self.profiler.close()
     finished = self.iteration >= rl.total_steps
     self.ckpt.maybe_save(self.iteration, self.state, self._host_state(), force=True)  # no-op if saved
     self.ckpt.wait()
@@ -491,7 +507,7 @@ class Trainer:
                   "resume.", summary["preempted"], self.iteration, self.iteration, self.ckpt.directory)
       return summary
     if finished:
-      summary["eval_end"] = last_eval if last_eval is not None else self.evaluate()
+      summary["eval_end"] = last_eval if last_eval is not None else self.evaluate()["eval/pass_at_1"]
       if rl.export_final:  # every process takes part (each tensor is gathered); process 0 writes
         export = os.path.join(rl.run_dir, "final_model")
         hf_io.save_model(export, self.model_cfg, self.state.params, self.tokenizer, to_host=_to_host,
@@ -504,6 +520,7 @@ class Trainer:
     return summary
 
   def close(self):
+    self.profiler.close()
     self.compile_clock.close()
     for sig, old in self._handlers.items():
       signal.signal(sig, old)
