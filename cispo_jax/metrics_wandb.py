@@ -10,6 +10,7 @@ metrics.jsonl (rows after the checkpoint rewritten) stays the record of truth.
 from __future__ import annotations
 
 import os
+import secrets
 
 
 class WandbSink:
@@ -26,7 +27,7 @@ class WandbSink:
       with open(id_path) as f:
         run_id = f.read().strip() or None
     if run_id is None:
-      run_id = wandb.util.generate_id()
+      run_id = secrets.token_hex(4)  # wandb ids are [a-z0-9]
       with open(id_path, "w") as f:
         f.write(run_id)
     os.makedirs(os.path.join(run_dir, "wandb"), exist_ok=True)

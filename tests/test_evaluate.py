@@ -2,6 +2,7 @@
 per-example outputs it writes, which are rescored here; the shards of a set cover it exactly once."""
 
 import collections
+import glob
 import json
 import os
 
@@ -121,3 +122,44 @@ def test_shards_cover_each_example_once(n, nproc, batch):
   assert len({s.shape for s in shards}) == 1  # every process runs the same calls
   real = np.concatenate([s.ravel() for s in shards])
   assert sorted(real[real >= 0].tolist()) == list(range(n))
+
+
+def test_in_training_eval_sets_pass_at_k_outputs_and_profile(tmp_path):
+  """Inside training, every eval_every: the held-out split and TaskConfig.eval_sets, greedy and sampled,
+  logged to metrics.jsonl, outputs per evaluation; profile_iterations traces the chosen iteration."""
+  from cispo_jax import data, losses
+  from cispo_jax.metrics import read_metrics
+  from cispo_jax.optim import OptimConfig
+  from cispo_jax.sharding import MeshConfig
+  from cispo_jax.task import TaskConfig
+  from cispo_jax.trainer import RLConfig, Trainer
+
+  model = make_tiny_model_dir(str(tmp_path / "m"), "qwen2", tokenizer=build_char_tokenizer(data.ALPHABET),
+                              hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, seed=0)
+  extra = str(tmp_path / "extra.parquet")
+  datasets.Dataset.from_list([{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(3)]).to_parquet(extra)
+  task = TaskConfig(task="arithmetic", task_args={"max_operand": 9}, train_size=32, eval_size=4,
+                    eval_sets={"extra": extra}, eval_samples=2, eval_k=(1, 2))
+  rl = RLConfig(run_dir=str(tmp_path / "run"), model_dir=model, total_steps=2, prompts_per_step=2,
+                num_generations=2, num_iterations=1, num_minibatches=1, max_new_tokens=3, eval_every=2,
+                eval_size=4, save_every=2, export_final=False, profile_iterations=(2, 2))
+  trainer = Trainer(rl, losses.LossConfig(), OptimConfig(), MeshConfig(data=1, fsdp=1, tensor=1), task,
+                    devices=jax.devices()[:1])
+  try:
+    summary = trainer.run()
+  finally:
+    trainer.close()
+  rows = {r["iteration"]: r for r in read_metrics(rl.run_dir) if "eval/pass_at_1" in r}
+  assert sorted(rows) == [0, 2]
+  for it, row in rows.items():
+    assert row["eval/pass_at_1"] == row["eval/heldout/greedy/pass_at_1"]
+    for name in ("heldout", "extra"):
+      for key in ("greedy/pass_at_1", "greedy/length", "sampled/pass_at_1", "sampled/pass_at_2", "sampled/length"):
+        assert 0 <= row[f"eval/{name}/{key}"] <= 3, (it, name, key)
+      assert row[f"eval/{name}/sampled/pass_at_1"] <= row[f"eval/{name}/sampled/pass_at_2"]
+    with open(os.path.join(rl.run_dir, "eval", f"iteration_{it:06d}.jsonl")) as f:
+      outputs = [json.loads(line) for line in f]
+    assert collections.Counter((r["set"], r["mode"]) for r in outputs) == {
+        ("heldout", "greedy"): 4, ("heldout", "sampled"): 8, ("extra", "greedy"): 3, ("extra", "sampled"): 6}
+  assert summary["eval_start"] == rows[0]["eval/pass_at_1"] and summary["eval_end"] == rows[2]["eval/pass_at_1"]
+  assert glob.glob(os.path.join(rl.run_dir, "profile", "plugins", "profile", "*", "*.xplane.pb"))
