@@ -60,22 +60,28 @@ def last_boxed(text: str) -> str | None:
   return None
 
 
+def _answer_like(text: str | None) -> bool:
+  """A letter, digit or LaTeX command: "####" followed by more #s, or "\\boxed{.}", answers nothing."""
+  return bool(text) and re.search(r"[0-9A-Za-z\\]", text) is not None
+
+
 def extract_answer(text: str) -> tuple[str | None, str]:
   """(answer text, format) with format "boxed" | "gsm8k" | "answer_is"; (None, "none") if none is found."""
   text = text[-MAX_CHARS:]
   boxed = last_boxed(text)
-  if boxed:
+  if _answer_like(boxed):
     return boxed, "boxed"
-  hashes = _GSM8K_RE.findall(text)
+  hashes = [h for h in _GSM8K_RE.findall(text) if _answer_like(h.strip("# "))]
   if hashes:
-    return hashes[-1].strip(), "gsm8k"
+    return hashes[-1].strip("# "), "gsm8k"
   said = _ANSWER_IS_RE.findall(text)
   if said:
     answer = said[-1].strip()
     # "The answer is 42. So we are done": the sentence ends at a period followed by a space.
     answer = re.split(r"\.\s", answer, maxsplit=1)[0].strip().rstrip(".").strip()
-    inner = last_boxed(answer)
-    return (inner or answer.strip("$ ").strip()) or None, "answer_is" if answer else "none"
+    answer = last_boxed(answer) or answer.strip("$ ").strip()
+    if _answer_like(answer):
+      return answer, "answer_is"
   return None, "none"
 
 
