@@ -20,13 +20,15 @@ import sys
 from typing import Any, Sequence
 
 log = logging.getLogger("cispo_jax.evaluate")
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "seed", "task")  # the training shorthands that matter here
 
 
 def build_parser() -> argparse.ArgumentParser:
   from cispo_jax import config
 
-  p = argparse.ArgumentParser(prog="cispo_jax.evaluate", description=__doc__.split("\n\n")[1].split("\n")[0],
-                              allow_abbrev=False)
+  p = argparse.ArgumentParser(prog="cispo_jax.evaluate", allow_abbrev=False,
+                              description="Greedy pass@1, sampled pass@k, completion length and format errors of a "
+                                          "model on named local datasets.")
   p.add_argument("--model_dir", required=True, help="local HF model directory (config.json, safetensors, tokenizer)")
   p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                  help="an eval set (repeatable): parquet, json/jsonl, csv, arrow or a save_to_disk dir ('dir::split')")
@@ -37,9 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--reward", default=None, help="the pass reward (TaskConfig.rewards), e.g. math_answer")
   p.add_argument("--gin_file", action="append", default=None, help="gin file (repeatable); default: configs/default.gin")
   p.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. TaskConfig.prompt_format='chat'")
-  for flag, target in config.SHORTHANDS.items():
-    if flag not in ("model_dir", "run_dir"):
-      p.add_argument(f"--{flag}", default=None, help=f"shorthand for {target}")
+  for flag in SAMPLING_FLAGS:
+    p.add_argument(f"--{flag}", default=None, help=f"shorthand for {config.SHORTHANDS[flag]}")
   return p
 
 
