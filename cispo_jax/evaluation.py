@@ -113,7 +113,7 @@ class Evaluator:
                         "origin": ex.origin, "prompt": ex.prompt, "answer": ex.answer, "completion": texts[i],
                         "passed": bool(passed_BS[i]), "format_ok": bool(fmt_BS[i]) if has_format else None,
                         "length": int(lengths_BS[i])})
-    return {k: _gather(np.concatenate(v)) for k, v in rows.items()}
+    return {k: _gather(np.concatenate(v).astype(np.int32)) for k, v in rows.items()}  # int32: jax has no x64 here
 
   def _summarise(self, per_prompt, prefix: str, n: int, mode: str) -> dict[str, float]:
     real = per_prompt["real"].astype(bool)
