@@ -165,9 +165,12 @@ def main(argv: Sequence[str] | None = None, devices=None) -> dict[str, Any]:
   configs = config.parse(args.gin_file, list(args.gin_param) + _bindings(args), short)
   sharding.initialize_distributed(dist.coordinator_address, dist.num_processes, dist.process_id)
   result = evaluate(configs, args.out_dir, devices)
+  import jax
+
   if sharding.is_main_process():
     print(format_table(result))
-    print(f"per-example outputs: {os.path.join(args.out_dir, 'outputs.jsonl')}; "
+    per_process = " (.p<i> per process)" if jax.process_count() > 1 else ""
+    print(f"per-example outputs: {os.path.join(args.out_dir, 'outputs.jsonl')}{per_process}; "
           f"metrics: {os.path.join(args.out_dir, 'metrics.json')}")
   return result
 
