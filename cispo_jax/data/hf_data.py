@@ -45,6 +45,8 @@ def load_table(spec: str):
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   import datasets
 
+  # The environment is read when datasets is first imported, maybe before this: set the switches too.
+  datasets.config.HF_DATASETS_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
   datasets.disable_progress_bars()
   if os.path.isdir(path):
     if not os.path.exists(os.path.join(path, "state.json")) and not os.path.exists(
