@@ -9,6 +9,7 @@ metrics.jsonl (rows after the checkpoint rewritten) stays the record of truth.
 
 from __future__ import annotations
 
+import ast
 import os
 import secrets
 
@@ -31,7 +32,7 @@ class WandbSink:
       with open(id_path, "w") as f:
         f.write(run_id)
     os.makedirs(os.path.join(run_dir, "wandb"), exist_ok=True)
-    self.run = wandb.init(project=project, dir=run_dir, id=run_id, resume="allow", config=config,
+    self.run = wandb.init(project=project, dir=run_dir, id=run_id, resume="allow", config=_values(config),
                           name=os.path.basename(os.path.abspath(run_dir)))
 
   def log(self, iteration: int, metrics: dict) -> None:
@@ -39,3 +40,15 @@ class WandbSink:
 
   def close(self) -> None:
     self.run.finish()
+
+
+def _values(bindings: dict) -> dict:
+  """Operative-config bindings ('0.0002', "'cispo'") as Python values, so wandb can filter and plot by them."""
+  out = {}
+  for key, text in bindings.items():
+    try:
+      value = ast.literal_eval(text) if isinstance(text, str) else text
+    except (ValueError, SyntaxError):
+      value = text
+    out[key] = value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+  return out
