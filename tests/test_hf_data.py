@@ -139,7 +139,7 @@ def test_length_filter_drops_counted_or_refuses_naming_the_row(files, tmp_path, 
     kept, _ = task.check_sources(train, held, tok, _model_cfg(), max_new_tokens=8, prompt_buckets=(64,),
                                  process_count=1)
   assert len(kept) == 37 and all(len(e.prompt) < 56 for e in kept)
-  assert f"dropped 3 of 40 prompts longer than 56 tokens" in caplog.text and f"{path}[row 3]" in caplog.text
+  assert "dropped 3 of 40 prompts longer than 56 tokens" in caplog.text and f"{path}[row 3]" in caplog.text
   refuse = TaskConfig(task="dataset", train_path=path, eval_path=files["parquet"], prompt_key="question",
                       too_long="refuse")
   with pytest.raises(ValueError, match=rf"{path}\[row 3\]: prompt has 80 tokens.*3 of the 40 prompts"):
