@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from cispo_jax import sampling
 from cispo_jax.data.example import Example
-from cispo_jax.passk import pass_at_k
+from cispo_jax.passk import mean_pass_at_k
 
 
 def _gather(local: np.ndarray) -> np.ndarray:
@@ -123,7 +123,7 @@ class Evaluator:
       out[f"{prefix}pass_at_1"] = float(passes.mean())
     else:
       for k in self.ks:
-        out[f"{prefix}pass_at_{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in passes]))
+        out[f"{prefix}pass_at_{k}"] = mean_pass_at_k(n, passes, k)
     errors = per_prompt["format_errors"][real]
     if (errors >= 0).all():
       out[f"{prefix}format_error_rate"] = float(errors.sum() / (n * real.sum()))

@@ -204,9 +204,9 @@ class Scorer:
         reward_lib.RewardConfig(mix[:1], timeout_s=cfg.reward_timeout_s))
     self._scorers = [self._train] if self._pass is self._train else [self._train, self._pass]
     format_reward = getattr(reward_lib.get_reward(mix[0][0]), "format_reward", None)
-    self._format = format_reward and reward_lib.RewardScorer(
-        reward_lib.RewardConfig(((format_reward, 1.0),), timeout_s=cfg.reward_timeout_s))
-    self._scorers += [self._format] if self._format else []
+    self._format = reward_lib.RewardScorer(reward_lib.RewardConfig(
+        ((format_reward, 1.0),), timeout_s=cfg.reward_timeout_s)) if format_reward else None
+    self._scorers += [self._format] if self._format is not None else []
     for scorer in self._scorers:
       scorer.start()
 
@@ -219,11 +219,11 @@ class Scorer:
 
   @property
   def checks_format(self) -> bool:
-    return bool(self._format)
+    return self._format is not None
 
   def format_ok(self, completions: list[str], examples: list[data_lib.Example]) -> np.ndarray | None:
     """Whether each completion has the answer format (None: the pass reward names no format check)."""
-    if not self._format:
+    if self._format is None:
       return None
     scores, _ = self._format.score(completions, examples)
     return scores >= 1.0
