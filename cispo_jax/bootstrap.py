@@ -114,8 +114,12 @@ def bootstrap_model(task_cfg, cfg: BootstrapConfig) -> str:
 
   # Keyed on what shapes the model: the reward mix, its timeout and the too-long policy (the SFT
   # examples are not filtered by it) don't, so changing them reuses it.
+  # Fields added later (task.LATER_FIELDS) are keyed only when set, so existing directories keep their keys.
+  from cispo_jax.task import LATER_FIELDS
+
+  defaults = dataclasses.asdict(type(task_cfg)(**{"task": task_cfg.task, "train_path": task_cfg.train_path}))
   data_cfg = {k: v for k, v in dataclasses.asdict(task_cfg).items()
-              if k not in ("rewards", "reward_timeout_s", "too_long")}
+              if k not in ("rewards", "reward_timeout_s", "too_long") and not (k in LATER_FIELDS and v == defaults[k])}
   key = hashlib.sha1(json.dumps([dataclasses.asdict(cfg), data_cfg], sort_keys=True, default=str).encode()
                      ).hexdigest()[:12]
   path = os.path.join(cfg.cache_dir, f"model-{key}")

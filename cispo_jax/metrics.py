@@ -1,6 +1,9 @@
-"""Metric sinks: JSONL (the record of truth), TensorBoard event files, and a PNG of the curves.
+"""Metric sinks: JSONL (the record of truth), TensorBoard event files, optionally Weights & Biases,
+and a PNG of the curves.
 
-Only the main process writes (the caller passes enabled=False elsewhere).
+Only the main process writes (the caller passes enabled=False elsewhere). The run's config goes to
+TensorBoard as text and to wandb as the run's config (hyperparameters); wandb itself is in
+metrics_wandb.py, imported only when a project is named.
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ class MetricWriter:
   """
 
   def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True,
-               resume_from: int | None = None):
+               resume_from: int | None = None, wandb_project: str = "", hparams: Mapping[str, str] | None = None):
     self.enabled = enabled
     self.path = os.path.join(run_dir, "metrics.jsonl")
-    self._tb = None
+    self._tb = self._wandb = None
     if enabled:
       os.makedirs(run_dir, exist_ok=True)
       self._keep_rows_upto(-1 if resume_from is None else resume_from)
@@ -38,6 +41,11 @@ class MetricWriter:
         from tensorboardX import SummaryWriter
         # purge_step: TensorBoard hides the dead attempt's events from this step on.
         self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=0 if resume_from is None else resume_from + 1)
+        if hparams:
+          self._tb.add_text("config", "\n".join(f"    {k} = {v}" for k, v in hparams.items()), 0)
+      if wandb_project:
+        from cispo_jax.metrics_wandb import WandbSink
+        self._wandb = WandbSink(run_dir, wandb_project, dict(hparams or {}), resume_from)
 
   def write(self, iteration: int, metrics: Mapping[str, float]):
     if not self.enabled:
@@ -49,6 +57,8 @@ class MetricWriter:
       for k, v in metrics.items():
         self._tb.add_scalar(k, float(v), iteration)
       self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(iteration, {k: v for k, v in row.items() if k != "iteration" and v is not None})
 
   def _keep_rows_upto(self, iteration: int):
     if not os.path.exists(self.path):
@@ -62,6 +72,9 @@ class MetricWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.close()
+      self._wandb = None
 
 
 def _read_rows(path: str) -> list[dict]:

@@ -26,12 +26,14 @@ from cispo_jax import data as data_lib
 from cispo_jax import losses, sampling, sharding
 from cispo_jax.checkpoint import Checkpointer, abstract_like
 from cispo_jax.compile_cache import CompileClock
+from cispo_jax.evaluation import Evaluator
 from cispo_jax.metrics import MetricWriter, plot_curves
 from cispo_jax.model import hf_io, logical_axes, param_shapes
 from cispo_jax.optim import OptimConfig, make_optimizer
 from cispo_jax.pipeline import Pipeline
 from cispo_jax.rollout import NativeEngine, Rollout, batched_completion_logps, local_rows  # noqa: F401
-from cispo_jax.task import Scorer, TaskConfig, make_sources
+from cispo_jax.profiler import IterationProfiler, check_iterations
+from cispo_jax.task import HELDOUT, Scorer, TaskConfig, make_sources
 from cispo_jax.update_plan import group_quantum, plan_update
 from cispo_jax.train_step import RolloutBatch, StepConfig, TrainState, epoch_permutations, update_on_rollout
 
@@ -110,6 +112,8 @@ class RLConfig:
   # The old log-probs of a stale rollout (the behaviour policy's): "recompute" = a training forward at the
   # version that sampled it, on the rollout devices; "sampler" = the sampler's own log-probs.
   behaviour_logps: str = "recompute"
+  profile_iterations: tuple[int, ...] = ()  # (i, j): jax.profiler trace of iterations i..j into <run_dir>/profile
+  wandb_project: str = ""  # also log to Weights & Biases (optional package; WANDB_MODE=offline works offline)
 
   def __post_init__(self):
     positive = ("total_steps", "prompts_per_step", "num_generations", "num_iterations",
@@ -131,6 +135,7 @@ class RLConfig:
         raise ValueError(f"RLConfig.{name}={getattr(self, name)}; must be >= 0")
     if self.behaviour_logps not in BEHAVIOUR_LOGPS:
       raise ValueError(f"RLConfig.behaviour_logps={self.behaviour_logps!r}; allowed: {list(BEHAVIOUR_LOGPS)}")
+    check_iterations(self.profile_iterations)
 
   @property
   def pipelined(self) -> bool:
@@ -235,12 +240,19 @@ class Trainer:
     train_src, eval_examples = task.check_sources(
         train_src, eval_examples, self.tokenizer, self.model_cfg, max_new_tokens=rl.max_new_tokens,
         prompt_buckets=rl.prompt_buckets, apply_chat_template=rl.apply_chat_template)
-    per = min(rl.eval_size, len(eval_examples)) // nproc
-    self.eval_examples = eval_examples[proc * per:(proc + 1) * per]  # this process's share
+    # Evaluated every eval_every: the held-out split, then TaskConfig.eval_sets (evaluation.py shards each).
+    self.eval_sets = {HELDOUT: eval_examples[:min(rl.eval_size, len(eval_examples))], **task.eval_sources(
+        self.tokenizer, self.model_cfg, max_new_tokens=rl.max_new_tokens, prompt_buckets=rl.prompt_buckets,
+        apply_chat_template=rl.apply_chat_template)}
     self.stream = data_lib.PromptStream(train_src, rl.prompts_per_step, seed=rl.seed).shard(proc, nproc)
     self.scorer = Scorer(task)
     self.train_sampling = _sampling_config(rl, self.tokenizer, greedy=False, n=rl.num_generations)
     self.eval_sampling = _sampling_config(rl, self.tokenizer, greedy=True, n=1)
+    self.evaluator = Evaluator(
+        lambda params, examples, key, cfg: self.eval_engine.generate(examples, key, cfg, params=params),
+        self.eval_engine.local_rows, self.tokenizer, self.scorer, greedy_cfg=self.eval_sampling,
+        sampled_cfg=_sampling_config(rl, self.tokenizer, greedy=False, n=task.eval_samples) if task.eval_samples
+        else None, ks=task.pass_k(), batch_size=task.eval_batch_size, seed=rl.seed)
 
     # --- jitted functions ------------------------------------------------------------------
     self.step_cfg = StepConfig(model=self.model_cfg, loss=self.loss_cfg, temperature=rl.temperature,
@@ -285,7 +297,6 @@ class Trainer:
                self.iteration, len(pending))
     self._stream_state = host["consumed_data"] if restored is not None and "consumed_data" in host else \
         self.stream.state()  # after the prompts of the last rollout trained on
-    self._score_lock = threading.Lock()  # the rollout thread scores while eval may score too
     self.pipeline = None
     if self.rollout_thread:
       # Rollouts older than the restored version come from the checkpoint; a run resumed without them (a
@@ -300,7 +311,9 @@ class Trainer:
     self._inline_rollouts: list[tuple[float, float]] = []
     # Rows after the checkpoint (or all, when there is none) came from a dead attempt: dropped.
     self.writer = MetricWriter(rl.run_dir, enabled=self.main,
-                               resume_from=self.iteration if restored is not None else None)
+                               resume_from=self.iteration if restored is not None else None,
+                               wandb_project=rl.wandb_project, hparams=_bindings(operative_config))
+    self.profiler = IterationProfiler(rl.profile_iterations, os.path.join(rl.run_dir, "profile"), self.main)
     self._stop_signal: str | None = None
     self._handlers: dict = {}
     self.compile_clock, self.time_totals = CompileClock(), {}
@@ -317,17 +330,13 @@ class Trainer:
     """A host array that every process holds in full -> a batch-sharded global array."""
     return jax.make_array_from_callback(x.shape, self.batch_sharding, lambda idx: x[idx])
 
-  def _local_rows(self, total: int) -> slice:
-    return sharding.process_batch_rows(self.mesh, total, self.batch_sharding)
-
   def _score(self, out, examples, n: int):
     """Decode and score this process's rows only; every process gets all rewards (advantages are global)."""
     local = sampling.SampleOutput(*(local_rows(x) if name in ("tokens_BxN", "lengths_B", "stopped_B") else None
                                     for name, x in out._asdict().items()))
     texts = sampling.decode_completions(self.tokenizer, local)
     local_examples = [e for e in examples for _ in range(n)]
-    with self._score_lock:
-      rewards, stats = self.scorer(texts, local_examples)
+    rewards, stats = self.scorer(texts, local_examples)
     return _allgather_host(rewards.astype(np.float32)), stats
 
   def _make_rollout(self, iteration: int, version: int, rng_data) -> Rollout:
@@ -499,15 +508,12 @@ class Trainer:
           f"rate or check the rewards (metrics.jsonl: train/skipped_nonfinite).")
 
   # --- eval --------------------------------------------------------------------------------
-  def evaluate(self) -> float:
-    """Held-out greedy pass@1 (first reward >= 1 counts as a pass), on the train mesh."""
-    examples = self.eval_examples
-    out = self.eval_engine.generate(examples, jax.random.PRNGKey(0), self.eval_sampling, params=self.state.params)
-    rows = self.eval_engine.local_rows(out.tokens_BxN.shape[0])
-    texts = sampling.decode_completions(self.tokenizer, jax.tree.map(lambda x: x[rows], out))
-    with self._score_lock:
-      correct = self.scorer.passed(texts, examples).astype(np.float32)
-    return float(_allgather_host(correct).mean())
+  def evaluate(self) -> dict[str, float]:
+    """evaluation.Evaluator on the held-out split and TaskConfig.eval_sets (first reward >= 1 is a pass);
+    "eval/pass_at_1" is the held-out greedy pass@1. Per-example outputs: <run_dir>/eval/iteration_<i>.jsonl."""
+    out = os.path.join(self.rl.run_dir, "eval", f"iteration_{self.iteration:06d}.jsonl")
+    metrics = self.evaluator(self.state.params, self.eval_sets, out)
+    return {"eval/pass_at_1": metrics[f"eval/{HELDOUT}/greedy/pass_at_1"], **metrics}
 
   # --- the run -----------------------------------------------------------------------------
   def _host_state(self) -> dict:
@@ -544,8 +550,9 @@ class Trainer:
     """Run to total_steps (or stop after `stop_after` more iterations, as tests interrupt). Returns a summary."""
     rl = self.rl
     if self.eval_start is None:
-      self.eval_start = self.evaluate()
-      self.writer.write(self.iteration, {"eval/pass_at_1": self.eval_start})
+      first = self.evaluate()
+      self.eval_start = first["eval/pass_at_1"]
+      self.writer.write(self.iteration, first)
     bar = _progress(rl.total_steps, self.iteration, enabled=self.main)
     t_start, done, last_eval, stopped_by = time.perf_counter(), 0, None, None
     t_prev, save_s = t_start, 0.0
@@ -553,11 +560,13 @@ class Trainer:
       if self._should_stop():  # checked before each iteration, so a signal during the last one still finishes
         stopped_by = self._stop_signal or "a signal to another process"
         break
+      self.profiler.before(self.iteration + 1)
       metrics = self.step()
       done += 1
       t_eval = time.perf_counter()
       if self.iteration % rl.eval_every == 0 or self.iteration == rl.total_steps:
-        last_eval = metrics["eval/pass_at_1"] = self.evaluate()
+        metrics.update(self.evaluate())
+        last_eval = metrics["eval/pass_at_1"]
       now = time.perf_counter()
       # Every second between two rows is in one phase: the previous row's checkpoint save, this step's
       # phases, eval, and "other" (host bookkeeping, logging). Compile time overlaps the phases.
@@ -573,7 +582,9 @@ class Trainer:
       bar.update(1)
       bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", loss=f"{metrics.get('train/loss', 0):.3g}",
                       eval_pass1=f"{self.eval_start if last_eval is None else last_eval:.3f}")
+      self.profiler.after(self.iteration)
     bar.close()
+    self.profiler.close()
     finished = self.iteration >= rl.total_steps
     self.ckpt.maybe_save(self.iteration, self.state, self._host_state, force=True)  # no-op if saved
     self.ckpt.wait()
@@ -588,7 +599,7 @@ class Trainer:
                   "resume.", summary["preempted"], self.iteration, self.iteration, self.ckpt.directory)
       return summary
     if finished:
-      summary["eval_end"] = last_eval if last_eval is not None else self.evaluate()
+      summary["eval_end"] = last_eval if last_eval is not None else self.evaluate()["eval/pass_at_1"]
       if rl.export_final:  # every process takes part (each tensor is gathered); process 0 writes
         export = os.path.join(rl.run_dir, "final_model")
         hf_io.save_model(export, self.model_cfg, self.state.params, self.tokenizer, to_host=_to_host,
@@ -603,6 +614,7 @@ class Trainer:
   def close(self):
     if self.pipeline is not None:
       self.pipeline.close()
+    self.profiler.close()
     self.compile_clock.close()
     for sig, old in self._handlers.items():
       signal.signal(sig, old)

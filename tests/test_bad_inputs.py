@@ -176,9 +176,10 @@ def test_missing_tokenizer_files_are_named(base, tmp_path):
 
 
 def test_tokenizer_without_eos_says_so(base, tmp_path, caplog):
-  # In a model directory transformers fills in its class default '<|endoftext|>', which the vocabulary lacks.
+  # A model-type tokenizer class (a real Qwen2 checkpoint's) gets transformers' class default '<|endoftext|>',
+  # which the vocabulary lacks.
   d = _copy(base, tmp_path / "no_eos")
-  _edit_json(os.path.join(d, "tokenizer_config.json"), drop=("eos_token",))
+  _edit_json(os.path.join(d, "tokenizer_config.json"), drop=("eos_token",), tokenizer_class="Qwen2Tokenizer")
   with pytest.raises(ValueError, match=r"the tokenizer has no eos token in the model's vocabulary: eos_token "
                                        r"'<\|endoftext\|>' has id 86 >= vocab_size=86.*files set no eos_token"):
     load_tokenizer(d)
@@ -191,8 +192,8 @@ def test_tokenizer_without_eos_says_so(base, tmp_path, caplog):
 
 
 def test_tokenizer_without_pad_falls_back_to_eos(base, tmp_path, caplog):
-  d = _copy(base, tmp_path / "no_pad")
-  _edit_json(os.path.join(d, "tokenizer_config.json"), drop=("pad_token",))
+  d = _copy(base, tmp_path / "no_pad")  # a model-type class, which fills in a default pad the vocabulary lacks
+  _edit_json(os.path.join(d, "tokenizer_config.json"), drop=("pad_token",), tokenizer_class="Qwen2Tokenizer")
   with caplog.at_level(logging.WARNING, logger="cispo_jax.model.hf_io"):
     tok = load_tokenizer(d)
   assert tok.pad_token_id == tok.eos_token_id == 1

@@ -467,6 +467,9 @@ def _sets_token(path: str, key: str) -> bool:
   return False
 
 
+_PLAIN_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(path: str, vocab_size: int | None = None):
   """The directory's tokenizer via AutoTokenizer: local files only, never remote code.
 
@@ -484,7 +487,15 @@ def load_tokenizer(path: str, vocab_size: int | None = None):
     raise FileNotFoundError(f"{path} is not a directory")
   _check_tokenizer_files(path)
   try:
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    # A plain tokenizer.json (tokenizer_class TokenizersBackend, as our tiny models save) is loaded as
+    # written: AutoTokenizer would swap in the config's model-type class (Qwen2Tokenizer), whose
+    # byte-level pre-tokenizer silently drops the spaces and newlines of a character vocabulary.
+    cls = AutoTokenizer
+    tok_cfg = os.path.join(path, "tokenizer_config.json")
+    if (os.path.isfile(tok_cfg) and os.path.isfile(os.path.join(path, "tokenizer.json"))
+        and _read_json(tok_cfg).get("tokenizer_class") in _PLAIN_TOKENIZERS):
+      from transformers import PreTrainedTokenizerFast as cls
+    tok = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False)
   except Exception as e:  # noqa: BLE001 -- re-raised with the directory named
     raise ValueError(f"{path}: transformers cannot load the tokenizer ({type(e).__name__}: {e})") from e
   if tok.eos_token_id is None:

@@ -2,7 +2,7 @@
 
 from cispo_jax.rewards.registry import (RewardFn, get_reward, importable_ref, register_reward,
                                         registered_rewards)
-from cispo_jax.rewards import builtin  # noqa: F401  (registers the built-in rewards)
+from cispo_jax.rewards import builtin, math_answer  # noqa: F401  (registers the built-in rewards)
 from cispo_jax.rewards.builtin import STOP, answer_text
 from cispo_jax.rewards.scoring import ISOLATIONS, RewardConfig, RewardScorer, score
 
