@@ -87,14 +87,14 @@ def test_rollout_sub_mesh_gets_the_trainers_weights_at_each_version(model_dir, t
 
   generate = trainer.engine.generate
 
-  def check(examples, key, cfg, *, version=None, params=None):
+  def check(examples, key, cfg, *, version=None, params=None, host=True):
     held = _host(trainer.engine.weights(version))
     for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(published[version])):
       np.testing.assert_array_equal(a, b)
     leaf = jax.tree.leaves(trainer.engine.weights(version))[0]
     assert leaf.sharding.mesh.devices.size == 4 and set(leaf.sharding.device_set) <= set(trainer.engine.mesh.devices.flat)
     compared.append(version)
-    return generate(examples, key, cfg, version=version, params=params)
+    return generate(examples, key, cfg, version=version, params=params, host=host)
 
   trainer.pipeline.publish, trainer.engine.generate = record, check
   _run(trainer)
