@@ -436,7 +436,7 @@ class Trainer:
         gap_data = None
         if rl.tis_cap > 0:  # sampler != trainer numerics: reweight by the truncated ratio pi_old / pi_sampler
           adv_BxN = put(_tis(adv_BxN, old_logps, sampler_logps, rl.tis_cap))
-      zeros = put(jnp.zeros(mask.shape, jnp.float32))
+      zeros = self._global(np.zeros(mask.shape, np.float32))  # from the host: an eager jnp.zeros compiles a program
       batch = RolloutBatch(tokens, kv_valid, mask, zeros if old_logps is None else old_logps,
                            zeros if ref_logps is None else ref_logps, adv_BxN,
                            self._global((r[::n] // n).repeat(n).astype(np.int32)))
