@@ -27,6 +27,7 @@ import re
 import numpy as np
 
 from cispo_jax.metrics import read_metrics
+from cispo_jax.operative_config import read_bindings
 from cispo_jax.stats import fit_scalerl, mean_ci
 
 COMPUTE_AXES = ("iteration", "rollout_tokens", "update_tokens")
@@ -65,18 +66,6 @@ class Run:
     return float(self.pass_at_1.max())
 
 
-def _operative_bindings(run_dir: str) -> dict[str, str]:
-  path = os.path.join(run_dir, "operative_config.gin")
-  out = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        if " = " in line and not line.lstrip().startswith("#"):
-          k, _, v = line.partition(" = ")
-          out[k.strip()] = v.strip()
-  return out
-
-
 def read_run(run_dir: str, arm: str | None = None) -> Run:
   """A run's eval curve and cumulative compute. Errors name the directory."""
   if not os.path.isdir(run_dir):
@@ -88,7 +77,7 @@ def read_run(run_dir: str, arm: str | None = None) -> Run:
   m = _RUN_NAME.match(name)
   seed = int(m["seed"]) if m else None
   arm = arm or (m["arm"] if m else name)
-  bindings = _operative_bindings(run_dir)
+  bindings = read_bindings(run_dir)
   passes = int(bindings.get("RLConfig.num_iterations", 1))
   updates = passes * int(bindings.get("RLConfig.num_minibatches", 1))
   by_iter: dict[int, dict] = {}

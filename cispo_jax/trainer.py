@@ -29,6 +29,7 @@ from cispo_jax.compile_cache import CompileClock
 from cispo_jax.evaluation import Evaluator
 from cispo_jax.metrics import MetricWriter, plot_curves
 from cispo_jax.model import hf_io, logical_axes, param_shapes
+from cispo_jax.operative_config import bindings, record_operative_config
 from cispo_jax.optim import OptimConfig, make_optimizer
 from cispo_jax.pipeline import Pipeline
 from cispo_jax.rollout import NativeEngine, Rollout, batched_completion_logps, local_rows  # noqa: F401
@@ -312,7 +313,7 @@ class Trainer:
     # Rows after the checkpoint (or all, when there is none) came from a dead attempt: dropped.
     self.writer = MetricWriter(rl.run_dir, enabled=self.main,
                                resume_from=self.iteration if restored is not None else None,
-                               wandb_project=rl.wandb_project, hparams=_bindings(operative_config))
+                               wandb_project=rl.wandb_project, hparams=bindings(operative_config))
     self.profiler = IterationProfiler(rl.profile_iterations, os.path.join(rl.run_dir, "profile"), self.main)
     self._stop_signal: str | None = None
     self._handlers: dict = {}
@@ -629,48 +630,6 @@ _PHASES = ("rollout", "reward", "logps", "update", "eval", "checkpoint")  # time
 
 class NonFiniteTraining(RuntimeError):
   """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-def record_operative_config(run_dir: str, operative: str, *, resuming: bool, allow_change: bool,
-                            iteration: int | None, write: bool = True):
-  """Write operative_config.gin; on resume, first compare it with the one the run was started with.
-
-  A changed binding is refused (every differing key named) unless allow_change; then the old file is
-  kept as operative_config.before_<iteration>.gin and config_changes.jsonl records what changed when.
-  RLConfig.run_dir is not compared (a run directory may be moved).
-  """
-  path = os.path.join(run_dir, "operative_config.gin")
-  if resuming and os.path.exists(path):
-    with open(path) as f:
-      old_text = f.read()
-    old, new = _bindings(old_text), _bindings(operative)
-    changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
-               if old.get(k) != new.get(k) and k != "RLConfig.run_dir"}
-    if changed and not allow_change:
-      lines = "\n".join(f"  {k}: {a if a is not None else '(absent)'} -> {b if b is not None else '(absent)'}"
-                        for k, (a, b) in changed.items())
-      raise ValueError(
-          f"{run_dir} holds a run started with another config; resuming it with this one would change "
-          f"{len(changed)} binding(s):\n{lines}\nUse the original settings, a new run_dir, or pass "
-          f"--allow_config_change to continue with the change recorded.")
-    if changed and write:
-      os.replace(path, os.path.join(run_dir, f"operative_config.before_{iteration}.gin"))
-      with open(os.path.join(run_dir, "config_changes.jsonl"), "a") as f:
-        f.write(json.dumps({"iteration": iteration, "changed": {k: list(v) for k, v in changed.items()}}) + "\n")
-      log.warning("config changed at iteration %s (allowed): %s", iteration, ", ".join(changed))
-  if write:
-    with open(path, "w") as f:
-      f.write(operative)
-
-
-def _bindings(text: str) -> dict[str, str]:
-  """'Config.field = value' lines of an operative config (comments and blank lines ignored)."""
-  out = {}
-  for line in text.splitlines():
-    if line.strip() and not line.lstrip().startswith("#") and " = " in line:
-      key, _, value = line.partition(" = ")
-      out[key.strip()] = value.strip()
-  return out
 
 
 @functools.partial(jax.jit, static_argnames=("width",))

@@ -1,0 +1,60 @@
+"""The config a run directory was started with: operative_config.gin, kept and compared on resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def record_operative_config(run_dir: str, operative: str, *, resuming: bool, allow_change: bool,
+                            iteration: int | None, write: bool = True):
+  """Write operative_config.gin; on resume, first compare it with the one the run was started with.
+
+  A changed binding is refused (every differing key named) unless allow_change; then the old file is
+  kept as operative_config.before_<iteration>.gin and config_changes.jsonl records what changed when.
+  RLConfig.run_dir is not compared (a run directory may be moved).
+  """
+  path = os.path.join(run_dir, "operative_config.gin")
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      old_text = f.read()
+    old, new = bindings(old_text), bindings(operative)
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k) and k != "RLConfig.run_dir"}
+    if changed and not allow_change:
+      lines = "\n".join(f"  {k}: {a if a is not None else '(absent)'} -> {b if b is not None else '(absent)'}"
+                        for k, (a, b) in changed.items())
+      raise ValueError(
+          f"{run_dir} holds a run started with another config; resuming it with this one would change "
+          f"{len(changed)} binding(s):\n{lines}\nUse the original settings, a new run_dir, or pass "
+          f"--allow_config_change to continue with the change recorded.")
+    if changed and write:
+      os.replace(path, os.path.join(run_dir, f"operative_config.before_{iteration}.gin"))
+      with open(os.path.join(run_dir, "config_changes.jsonl"), "a") as f:
+        f.write(json.dumps({"iteration": iteration, "changed": {k: list(v) for k, v in changed.items()}}) + "\n")
+      log.warning("config changed at iteration %s (allowed): %s", iteration, ", ".join(changed))
+  if write:
+    with open(path, "w") as f:
+      f.write(operative)
+
+
+def bindings(text: str) -> dict[str, str]:
+  """'Config.field = value' lines of an operative config (comments and blank lines ignored)."""
+  out = {}
+  for line in text.splitlines():
+    if line.strip() and not line.lstrip().startswith("#") and " = " in line:
+      key, _, value = line.partition(" = ")
+      out[key.strip()] = value.strip()
+  return out
+
+
+def read_bindings(run_dir: str) -> dict[str, str]:
+  """The bindings of a run directory's operative_config.gin ({} when it has none)."""
+  path = os.path.join(run_dir, "operative_config.gin")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return bindings(f.read())
