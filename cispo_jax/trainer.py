@@ -431,6 +431,7 @@ class Trainer:
                      else self._logps(self.state.params, tokens, kv_valid, n_completion=w))
       ref_logps = (self._logps(self.ref_params, tokens, kv_valid, n_completion=w)
                    if self.ref_params is not None else None)
+      jax.block_until_ready((old_logps, ref_logps))  # their time is time/logps_s, not the update's
       gap_data = (sampler_logps, mask)
       if old_logps is not None:
         metrics["logp_gap/sampler_vs_trainer"] = float(_logp_gap(old_logps, *gap_data))
