@@ -92,7 +92,7 @@ class ModelSampler:
     self.local_rows = self.engine.local_rows
 
   def generate(self, params, examples, key, cfg):
-    return self.engine.generate(examples, key, cfg, params=params)
+    return self.engine.generate(examples, key, cfg, params=params, host=True)
 
 
 def evaluate(configs: dict[str, Any], out_dir: str, devices=None) -> dict[str, Any]:

@@ -56,7 +56,8 @@ class Pipeline:
 
   def needs(self, version: int) -> bool:
     """Whether a rollout still to be made is sampled by `version`."""
-    return any(self.version_for(i) == version for i in range(max(self.first, version), min(self.total, version + self.s + 1)))
+    later = range(max(self.first, version), min(self.total, version + self.s + 1))
+    return any(self.version_for(i) == version for i in later)
 
   def publish(self, params, rng_data: np.ndarray, version: int) -> None:
     """Hand the engine the trainer's params after `version` iterations, if a rollout to come needs them.

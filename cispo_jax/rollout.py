@@ -1,9 +1,9 @@
 """Where rollouts come from: the engine interface, the native jitted engine, and the rollout record.
 
-A `RolloutEngine` holds one version of the policy's weights and samples completions with them:
+A `RolloutEngine` holds versions of the policy's weights and samples completions with them:
 
     engine.load_weights(params, version)              # the trainer's params after `version` RL iterations
-    out = engine.generate(examples, key, cfg, version=v)   # SampleOutput, host numpy arrays (global batch)
+    out = engine.generate(examples, key, cfg, version=v)   # SampleOutput of the global batch
     logps = engine.completion_logps(out, version=v, ...)   # the behaviour policy's training-forward log-probs
     engine.release_below(v)                           # older versions are done with
 
@@ -61,7 +61,8 @@ class RolloutEngine(Protocol):
 
   def generate(self, examples: Sequence[Any], key: jax.Array, cfg: sampling.SamplingConfig, *,
                version: int) -> sampling.SampleOutput:
-    """Completions of `examples` by policy `version`, as host numpy arrays of the global batch."""
+    """Completions of `examples` by policy `version`: the global batch, as host numpy arrays (one process)
+    or as jax Arrays sharded over the batch axes (the native engine leaves them where it sampled them)."""
 
   def completion_logps(self, out: sampling.SampleOutput, *, version: int, temperature: float,
                        micro_batches: int) -> np.ndarray:
@@ -119,10 +120,10 @@ class NativeEngine:
     return sharding.process_batch_rows(self.mesh, total, self.batch_sharding)
 
   def generate(self, examples, key, cfg: sampling.SamplingConfig, *, version: int | None = None,
-               params=None, host: bool = True) -> sampling.SampleOutput:
+               params=None, host: bool = False) -> sampling.SampleOutput:
     """Sample on this engine's mesh with policy `version` (or `params`, which must live on this mesh).
-    host=True: the outputs as host numpy arrays of the full global batch (gathered from every process);
-    host=False: as global arrays, sharded over this mesh's batch axes, where the sampler left them."""
+    The outputs are global arrays, sharded over this mesh's batch axes, where the sampler left them;
+    host=True gathers them to host numpy arrays of the full global batch on every process."""
     params = self.weights(version) if params is None else params
     tok, mask = sampling.encode_prompts(self.tokenizer, [e.prompt for e in examples], cfg,
                                         apply_chat_template=self.apply_chat_template)

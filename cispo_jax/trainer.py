@@ -250,7 +250,7 @@ class Trainer:
     self.train_sampling = _sampling_config(rl, self.tokenizer, greedy=False, n=rl.num_generations)
     self.eval_sampling = _sampling_config(rl, self.tokenizer, greedy=True, n=1)
     self.evaluator = Evaluator(
-        lambda params, examples, key, cfg: self.eval_engine.generate(examples, key, cfg, params=params),
+        lambda params, examples, key, cfg: self.eval_engine.generate(examples, key, cfg, params=params, host=True),
         self.eval_engine.local_rows, self.tokenizer, self.scorer, greedy_cfg=self.eval_sampling,
         sampled_cfg=_sampling_config(rl, self.tokenizer, greedy=False, n=task.eval_samples) if task.eval_samples
         else None, ks=task.pass_k(), batch_size=task.eval_batch_size, seed=rl.seed)
@@ -348,7 +348,7 @@ class Trainer:
     stream_state = self.stream.state()
     key = jax.random.fold_in(jax.random.wrap_key_data(np.asarray(rng_data)), iteration)
     t0 = time.perf_counter()
-    out = jax.block_until_ready(self.engine.generate(examples, key, self.train_sampling, version=version, host=False))
+    out = jax.block_until_ready(self.engine.generate(examples, key, self.train_sampling, version=version))
     t1 = time.perf_counter()
     rewards_B, stats = self._score(out, examples, rl.num_generations)
     t2 = time.perf_counter()
@@ -417,7 +417,8 @@ class Trainer:
     # Rows r of the rollout, cut to width w, onto the train mesh (a transfer when the rollout came from
     # other devices); per-row host inputs are [R] vectors.
     put = lambda x: jax.device_put(x, self.batch_sharding)  # noqa: E731
-    rows_in = [self._global(np.asarray(x)) for x in (r, np.asarray(keep_B, np.float32)[r], np.asarray(adv_B, np.float32)[r])]
+    rows_in = [self._global(np.asarray(x))
+               for x in (r, np.asarray(keep_B, np.float32)[r], np.asarray(adv_B, np.float32)[r])]
     with jax.set_mesh(self.mesh):
       gathered = _gather_rows(
           *(put(x) for x in (out.prompt_tokens_BxP, out.tokens_BxN, out.prompt_mask_BxP, out.mask_BxN,

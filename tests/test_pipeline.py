@@ -87,7 +87,7 @@ def test_rollout_sub_mesh_gets_the_trainers_weights_at_each_version(model_dir, t
 
   generate = trainer.engine.generate
 
-  def check(examples, key, cfg, *, version=None, params=None, host=True):
+  def check(examples, key, cfg, *, version=None, params=None, host=False):
     held = _host(trainer.engine.weights(version))
     for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(published[version])):
       np.testing.assert_array_equal(a, b)
