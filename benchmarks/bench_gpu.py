@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_scale import SHAPES  # noqa: E402
-from bench_update import random_params, sampler_flops, update_flops  # noqa: E402
+from bench_update import random_params, rollout_batch, sampler_flops, update_flops  # noqa: E402
 
 
 def timed(fn, reps):
@@ -71,23 +71,6 @@ def model_cfg(remat: bool):
   return ModelConfig(**shape, dtype="bfloat16", param_dtype="float32", remat=remat, lm_head_f32=True)
 
 
-def rollout_batch(cfg, B, P, N, group=8, seed=0):
-  from cispo_jax.train_step import RolloutBatch
-  rng = np.random.default_rng(seed)
-  plen = rng.integers(P // 2, P + 1, B)
-  pmask = (np.arange(P)[None, :] >= P - plen[:, None]).astype(np.int32)
-  clen = rng.integers(N // 2, N + 1, B)
-  cmask = (np.arange(N)[None, :] < clen[:, None]).astype(np.int32)
-  tokens = np.where(np.concatenate([pmask, np.ones((B, N), np.int32)], 1) > 0,
-                    rng.integers(3, cfg.vocab_size, (B, P + N)), 0).astype(np.int32)
-  adv = np.repeat(rng.standard_normal(B).astype(np.float32)[:, None], N, 1)
-  return RolloutBatch(
-      tokens_BxL=jnp.asarray(tokens), kv_valid_BxL=jnp.asarray(np.concatenate([pmask, cmask], 1) > 0),
-      mask_BxN=jnp.asarray(cmask, jnp.float32), old_logps_BxN=jnp.zeros((B, N), jnp.float32),
-      ref_logps_BxN=jnp.zeros((B, N), jnp.float32), adv_BxN=jnp.asarray(adv),
-      group_ids_B=jnp.asarray(np.arange(B) // group, jnp.int32))
-
-
 def bench_update(args, peak, remat):
   from cispo_jax import losses
   from cispo_jax.model import transformer
@@ -101,7 +84,7 @@ def bench_update(args, peak, remat):
   step_cfg = StepConfig(model=cfg, loss=loss, temperature=1.0, micro_batches=1, num_generations=min(8, B),
                         use_ref=False)
   tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-6), 1000)
-  batch = rollout_batch(cfg, B, P, N, group=min(8, B))
+  batch = rollout_batch(cfg, 0, B=B, P=P, N=N, group=min(8, B), min_prompt=P // 2)
   logps = jax.jit(lambda p, b: completion_logps(p, cfg, b.tokens_BxL, b.kv_valid_BxL, N, 1.0)[0])
   batch = batch._replace(old_logps_BxN=logps(params, batch))
   state = jax.jit(functools.partial(TrainState.create, tx=tx, seed=0))(params)

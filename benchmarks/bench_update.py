@@ -164,11 +164,13 @@ def matmul_rates(reps: int = 5) -> list[float]:
 # ----------------------------------------------------------------------------- programs
 
 
-def rollout_batch(cfg, seed=0):
+def rollout_batch(cfg, seed=0, B=BATCH, P=PROMPT, N=NEW, group=GROUP, min_prompt=12):
+  """B rows of a left-padded prompt (min_prompt..P real tokens) + N completion positions (N/2..N real),
+  random tokens and advantages, grouped by `group`; old log-probs to be filled in by the caller."""
   from cispo_jax.train_step import RolloutBatch
   rng = np.random.default_rng(seed)
-  B, P, N, V = BATCH, PROMPT, NEW, cfg.vocab_size
-  plen = rng.integers(12, P + 1, B)
+  V = cfg.vocab_size
+  plen = rng.integers(min_prompt, P + 1, B)
   pmask = (np.arange(P)[None, :] >= P - plen[:, None]).astype(np.int32)
   clen = rng.integers(N // 2, N + 1, B)
   cmask = (np.arange(N)[None, :] < clen[:, None]).astype(np.int32)
@@ -179,7 +181,7 @@ def rollout_batch(cfg, seed=0):
       tokens_BxL=jnp.asarray(tokens), kv_valid_BxL=jnp.asarray(np.concatenate([pmask, cmask], 1) > 0),
       mask_BxN=jnp.asarray(cmask, jnp.float32), old_logps_BxN=jnp.zeros((B, N), jnp.float32),
       ref_logps_BxN=jnp.zeros((B, N), jnp.float32), adv_BxN=jnp.asarray(adv),
-      group_ids_B=jnp.asarray(np.arange(B) // GROUP, jnp.int32))
+      group_ids_B=jnp.asarray(np.arange(B) // group, jnp.int32))
 
 
 class Variant:
