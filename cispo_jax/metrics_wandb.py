@@ -39,7 +39,11 @@ class WandbSink:
     self.run.log(metrics, step=iteration)
 
   def close(self) -> None:
+    import wandb
     self.run.finish()
+    # finish() can return before wandb-core has written the run's records to <run>.wandb (seen with
+    # 0.31 in offline mode: only the file header on disk); shutting the service down waits for it.
+    wandb.teardown()
 
 
 def _values(bindings: dict) -> dict:
