@@ -19,8 +19,10 @@ Non-finite rewards (inf, NaN) still give non-finite advantages for their group: 
 skips such an update (train_step.py) instead of learning from it.
 """
 
+import functools
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 
@@ -110,3 +112,13 @@ def compute_advantages(name, rewards_N, num_generations):
     raise ValueError(f"advantage estimator {name!r} is not one of "
                      f"{sorted(ADVANTAGE_ESTIMATORS)}")
   return ADVANTAGE_ESTIMATORS[name](rewards_N, num_generations)
+
+
+@functools.partial(jax.jit, static_argnames=("name", "num_generations", "filter_zero_variance"))
+def advantages_and_keep(rewards_N, name, num_generations, filter_zero_variance=True):
+  """The trainer's one program per rollout: the advantages [N] f32 and the rows to keep [N] bool
+  (zero_variance_mask, or all rows when filter_zero_variance is off), on the devices."""
+  adv_N = compute_advantages(name, rewards_N, num_generations)
+  keep_N = (zero_variance_mask(rewards_N, num_generations) if filter_zero_variance
+            else jnp.ones(adv_N.shape, bool))
+  return adv_N, keep_N

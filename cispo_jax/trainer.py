@@ -368,9 +368,12 @@ class Trainer:
     out, rewards_B, stats = r.out, r.rewards_B, r.stats
     for k in self.reward_events:
       self.reward_events[k] += int(stats.get(k, 0))
-    adv_B = np.asarray(adv_lib.compute_advantages(rl.advantage, rewards_B, n), np.float32)
-    keep_B = (np.asarray(adv_lib.zero_variance_mask(rewards_B, n)) if rl.filter_zero_variance
-              else np.ones(rewards_B.shape, bool))
+    # Advantages and the zero-variance mask in one jitted program: they stay on the devices (the update
+    # batch gathers its rows of them there); only the [B] keep flags come back, for the update plan.
+    rewards = jax.make_array_from_callback(rewards_B.shape, sharding.replicated(self.mesh),
+                                           lambda idx: rewards_B[idx])
+    adv, keep = adv_lib.advantages_and_keep(rewards, rl.advantage, n, rl.filter_zero_variance)
+    keep_B = np.asarray(keep.addressable_data(0))  # replicated: every process holds the whole vector
 
     lengths_B = _to_host(out.lengths_B)  # [B] ints: the only per-row data besides the rewards on the host
     metrics = {
@@ -393,13 +396,14 @@ class Trainer:
       behaviour = None
       if r.version != self.iteration:  # stale: the old log-probs are the behaviour policy's
         behaviour = r.behaviour_logps_BxN if r.behaviour_logps_BxN is not None else out.logps_BxN
-      batch, extra, gap_data = self._update_batch(out, lengths_B, adv_B, keep_B, metrics, behaviour)
+      batch, extra, gap_data = self._update_batch(out, lengths_B, adv, keep, keep_B, metrics, behaviour)
     return batch, metrics, extra, gap_data
 
-  def _update_batch(self, out, lengths_B, adv_B, keep_B, metrics, behaviour_BxN=None):
-    """The update's rows and width (plan_update), gathered on the devices from the rollout's arrays, then
-    the old / reference log-probs on just those rows. behaviour_BxN: a stale rollout's old log-probs (full
-    width); else they come from the current params."""
+  def _update_batch(self, out, lengths_B, adv, keep, keep_B, metrics, behaviour_BxN=None):
+    """The update's rows and width (plan_update, from the host's keep_B), gathered on the devices from the
+    rollout's arrays and the advantages / keep flags (adv, keep: replicated [B]), then the old / reference
+    log-probs on just those rows. behaviour_BxN: a stale rollout's old log-probs (full width); else they
+    come from the current params."""
     rl, n = self.rl, self.rl.num_generations
     N = out.tokens_BxN.shape[1]
     perms = _to_host(self._perms(self.state.rng)[1]) if rl.compact_groups else None  # the update's shuffle
@@ -417,13 +421,11 @@ class Trainer:
     # Rows r of the rollout, cut to width w, onto the train mesh (a transfer when the rollout came from
     # other devices); per-row host inputs are [R] vectors.
     put = lambda x: jax.device_put(x, self.batch_sharding)  # noqa: E731
-    rows_in = [self._global(np.asarray(x))
-               for x in (r, np.asarray(keep_B, np.float32)[r], np.asarray(adv_B, np.float32)[r])]
     with jax.set_mesh(self.mesh):
       gathered = _gather_rows(
           *(put(x) for x in (out.prompt_tokens_BxP, out.tokens_BxN, out.prompt_mask_BxP, out.mask_BxN,
                              out.logps_BxN)), put(behaviour_BxN) if behaviour_BxN is not None else None,
-          *rows_in, width=w)
+          self._global(r), keep, adv, width=w)
       tokens, kv_valid, mask, sampler_logps, adv_BxN, behaviour = (None if x is None else put(x) for x in gathered)
       if behaviour is not None:
         old_logps = behaviour
@@ -635,10 +637,11 @@ class NonFiniteTraining(RuntimeError):
 
 
 @functools.partial(jax.jit, static_argnames=("width",))
-def _gather_rows(prompt_BxP, tokens_BxN, prompt_mask_BxP, mask_BxN, sampler_logps_BxN, behaviour_BxN, rows_R, keep_R,
-                 adv_R, *, width: int):
+def _gather_rows(prompt_BxP, tokens_BxN, prompt_mask_BxP, mask_BxN, sampler_logps_BxN, behaviour_BxN, rows_R, keep_B,
+                 adv_B, *, width: int):
   """The update batch's rows of a rollout, on the devices: sequences cut to `width` completion positions,
   the loss mask (completion mask x kept group), the sampler's and behaviour log-probs, the advantages."""
+  keep_R, adv_R = (jnp.take(x, rows_R, axis=0) for x in (keep_B.astype(jnp.float32), adv_B))
   take = lambda x: None if x is None else jnp.take(x, rows_R, axis=0)[:, :width]  # noqa: E731
   tokens = jnp.concatenate([jnp.take(prompt_BxP, rows_R, axis=0), take(tokens_BxN)], 1).astype(jnp.int32)
   kv_valid = jnp.concatenate([jnp.take(prompt_mask_BxP, rows_R, axis=0), take(mask_BxN)], 1).astype(bool)

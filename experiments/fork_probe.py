@@ -71,9 +71,7 @@ def sample_batch(params, model_cfg, tokenizer, rl, task, marker_id: int, key):
     rewards_B, _ = scorer(sampling.decode_completions(tokenizer, out), [e for e in examples for _ in range(n)])
   finally:
     scorer.close()
-  adv_B = np.asarray(adv_lib.compute_advantages(rl.advantage, rewards_B, n), np.float32)
-  keep_B = (np.asarray(adv_lib.zero_variance_mask(rewards_B, n)) if rl.filter_zero_variance
-            else np.ones_like(adv_B, bool))
+  adv_B, keep_B = map(np.asarray, adv_lib.advantages_and_keep(rewards_B, rl.advantage, n, rl.filter_zero_variance))
   N = out.tokens_BxN.shape[1]
   tokens = jnp.asarray(np.concatenate([out.prompt_tokens_BxP, out.tokens_BxN], 1), jnp.int32)
   kv_valid = jnp.asarray(np.concatenate([out.prompt_mask_BxP, out.mask_BxN], 1), bool)

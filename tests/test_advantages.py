@@ -81,3 +81,14 @@ def test_bad_input_raises(call, fragments):
     call()
   for f in fragments:
     assert f in str(e.value), (f, str(e.value))
+
+
+@pytest.mark.parametrize("name", sorted(A.ADVANTAGE_ESTIMATORS))
+def test_advantages_and_keep_is_the_trainers_program(name):
+  """The trainer's jitted program gives the estimator's advantages and the zero-variance mask (or all rows)."""
+  adv, keep = A.advantages_and_keep(jnp.asarray(REWARDS), name, N, True)
+  np.testing.assert_allclose(adv, A.compute_advantages(name, REWARDS, N), rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(keep, A.zero_variance_mask(REWARDS, N))
+  assert adv.dtype == jnp.float32 and keep.dtype == jnp.bool_
+  _, keep_all = A.advantages_and_keep(jnp.asarray(REWARDS), name, N, False)
+  assert np.asarray(keep_all).all()
