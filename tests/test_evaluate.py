@@ -105,6 +105,55 @@ def test_batched_run_pads_and_gives_the_same_numbers(setup, first, tmp_path):
       assert again["metrics"][key] == pytest.approx(value), key
 
 
+def test_two_processes_report_what_one_does(setup, first, tmp_path):
+  """The eval command as two real jax.distributed processes (gloo, one CPU device each): each samples and
+  scores its shard of every set and writes its own outputs; the reported numbers are the one-process run's."""
+  import socket
+  import subprocess
+  import sys
+
+  out, result = first
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=os.pathsep.join([os.path.dirname(tests_dir), tests_dir, os.environ.get("PYTHONPATH", "")]))
+  argv = ["--model_dir", setup["model"], "--data", f"gsm={setup['gsm']}", "--data", f"small={setup['small']}",
+          "--out_dir", str(tmp_path), "--num_samples", "4", "--k", "1,2,4", "--max_new_tokens", "6",
+          "--reward", "eval_reward_fns:first_lower", "--gin_param", "TaskConfig.prompt_format = 'chat'",
+          "--gin_param", "TaskConfig.system_prompt = 'Answer briefly.'",
+          "--gin_param", "TaskConfig.prompt_key = 'question'"]
+  procs = [subprocess.Popen([sys.executable, "-m", "cispo_jax.evaluate", "--coordinator_address", f"127.0.0.1:{port}",
+                             "--num_processes", "2", "--process_id", str(pid), *argv],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for pid in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=300)[0].decode(errors="replace"))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  assert "greedy pass@1" in logs[0] and "greedy pass@1" not in logs[1]  # process 0 prints the table
+  with open(tmp_path / "metrics.json") as f:
+    got = json.load(f)
+  assert got["sets"] == result["sets"]
+  assert got["metrics"] == pytest.approx(result["metrics"])
+  shards = [_rows_of(path) for path in sorted(glob.glob(str(tmp_path / "outputs.jsonl.p*")))]
+  assert len(shards) == 2 and all(shards)  # both processes wrote rows of their own
+  key = lambda r: (r["set"], r["mode"], r["index"], r["completion"], r["passed"])  # noqa: E731
+  assert sorted(key(r) for rows in shards for r in rows) == sorted(key(r) for r in _rows(out))
+
+
+def _rows_of(path):
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
 def test_bad_arguments(setup, tmp_path):
   with pytest.raises(ValueError, match="--data 'gsm': expected NAME=PATH"):
     evaluate.main(["--model_dir", setup["model"], "--data", "gsm"])
