@@ -8,7 +8,9 @@ bound value is then checked against its field's annotation (`check_field`: an in
 class, field, value, expected type and the gin file:line or flag that set it; last, the dataclasses
 validate values when built. All of it happens before anything is compiled.
 
-RLConfig is built from its sections' bindings (rl_config.py: `RolloutConfig.temperature`).
+RLConfig is built from its sections' bindings (rl_config.py: `RolloutConfig.temperature`, not
+`RLConfig.temperature`); a binding of a field under its old RLConfig name is refused, naming where
+it was written and its new key.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from cispo_jax import losses, sharding
 from cispo_jax.bootstrap import BootstrapConfig
 from cispo_jax.optim import OptimConfig
 from cispo_jax.task import TaskConfig
-from cispo_jax.rl_config import SECTIONS, RLConfig
+from cispo_jax.rl_config import RENAMED, SECTIONS, RLConfig
 from cispo_jax.trainer import run_loss_config
 
 CONFIG_CLASSES = {c.__name__: c for c in (RLConfig, *SECTIONS.values(), losses.LossConfig, OptimConfig,
@@ -289,6 +291,29 @@ def _binding_origin(cls_name: str, field: str, gin_files: Sequence[str], gin_par
   return found[-1] if found else None
 
 
+def _check_renamed(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
+  """Refuse a binding of a field under the name it had before RLConfig was split into sections
+  (`RLConfig.temperature`: now `RolloutConfig.temperature`), or of a whole section (`RLConfig.rollout`),
+  naming each file:line or flag and the key to use. gin alone would call the first an unknown
+  parameter, without saying where the field went; nothing is ever silently ignored."""
+  problems = []
+  try:
+    for statement, where in _written_bindings(gin_files, gin_params):
+      if not _selects(statement, "RLConfig"):
+        continue
+      key = f"RLConfig.{statement.arg_name}"
+      if key in RENAMED:
+        problems.append(f"{where}: {key} is now {RENAMED[key]}")
+      elif statement.arg_name in SECTIONS:
+        section = SECTIONS[statement.arg_name].__name__
+        problems.append(f"{where}: {key} is built from the {section} bindings; bind {section}.<field> instead")
+  except Exception:  # a file gin's parser refuses: gin reports it (file, line) when it parses next
+    pass
+  if problems:
+    raise ValueError("RLConfig's fields are in sections now (cispo_jax/rl_config.py); rename:\n  "
+                     + "\n  ".join(problems))
+
+
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 DEFAULT_GIN = os.path.join(CONFIG_DIR, "default.gin")  # the offline CPU experiment
 
@@ -312,6 +337,7 @@ def parse(gin_files: Sequence[str] | None = None, gin_params: Sequence[str] = ()
     if flag not in SHORTHANDS:
       raise ValueError(f"unknown flag --{flag}; shorthands: {sorted(SHORTHANDS)}")
     bindings.append(f"{SHORTHANDS[flag]} = {_gin_literal(value, SHORTHANDS[flag])}")
+  _check_renamed(gin_files, gin_params)
   gin.parse_config_files_and_bindings(list(gin_files), bindings)
   built = {}
   for name in sorted(makers, key=lambda n: n == "RLConfig"):  # RLConfig last: it holds the sections

@@ -98,6 +98,30 @@ def test_operative_config_names_each_field_once_under_its_section_and_parses_bac
   assert all(rebuilt[name] == built[name] for name in config.CONFIG_CLASSES)
 
 
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_every_old_rl_config_key_is_refused_with_its_new_name(old):
+  with pytest.raises(ValueError, match=rf"--gin_param '{old} = 1': {old} is now {RENAMED[old]}$"):
+    config.parse_args(["--gin_param", f"{old} = 1"])
+
+
+def test_old_rl_config_keys_in_gin_files_name_file_and_line(tmp_path):
+  base = tmp_path / "base.gin"
+  base.write_text("include 'default.gin'\n\nRLConfig.temperature = 0.7\n")
+  exp = tmp_path / "exp.gin"
+  exp.write_text(f"include '{base}'\nRLConfig.seed = 1\nscoped/RLConfig.num_minibatches = 2\nRLConfig.rollout = 3\n")
+  with pytest.raises(ValueError) as info:
+    config.parse_args(["--gin_file", str(exp), "--gin_param", "RLConfig.export_final = False"])
+  message = str(info.value)
+  for needle in (f"{base}:3 (RLConfig.temperature = 0.7): RLConfig.temperature is now RolloutConfig.temperature",
+                 f"{exp}:3 (scoped/RLConfig.num_minibatches = 2): RLConfig.num_minibatches is now "
+                 "UpdateConfig.num_minibatches",
+                 f"{exp}:4 (RLConfig.rollout = 3): RLConfig.rollout is built from the RolloutConfig bindings",
+                 "--gin_param 'RLConfig.export_final = False': RLConfig.export_final is now "
+                 "CheckpointConfig.export_final"):
+    assert needle in message
+  assert "RLConfig.seed" not in message  # still RLConfig's
+
+
 def test_a_run_dir_recorded_before_the_split_resumes_and_reads_under_the_new_keys(tmp_path):
   """operative_config.gin of a run started before RLConfig had sections: same settings, no config change."""
   built = config.parse()
