@@ -19,7 +19,6 @@ happens; a speed-up needs real devices.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
@@ -83,9 +82,9 @@ def main():
   print("|---|---|---|---|---|---|")
   for name in args.layouts.split(","):
     with tempfile.TemporaryDirectory() as tmp:
-      rl = dataclasses.replace(configs["RLConfig"], model_dir=model_dir, run_dir=tmp, export_final=False,
-                               total_steps=args.warmup + args.iterations, eval_every=10 ** 6, save_every=10 ** 6,
-                               **LAYOUTS[name])
+      rl = configs["RLConfig"].replace(model_dir=model_dir, run_dir=tmp, export_final=False,
+                                       total_steps=args.warmup + args.iterations, eval_every=10 ** 6,
+                                       save_every=10 ** 6, **LAYOUTS[name])
       trainer = Trainer(rl, configs["LossConfig"], configs["OptimConfig"], configs["MeshConfig"], configs["TaskConfig"])
       staleness = []
       try:

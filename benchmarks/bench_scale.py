@@ -110,7 +110,9 @@ def run_iteration(args):
   from cispo_jax.model.tiny import DEFAULT_ALPHABET, make_tiny_model_dir
   from cispo_jax.optim import OptimConfig
   from cispo_jax.task import TaskConfig
-  from cispo_jax.trainer import RLConfig, Trainer
+  from cispo_jax.rl_config import (CheckpointConfig, EvalConfig, ModelRunConfig, RLConfig, RolloutConfig,
+                                   UpdateConfig)
+  from cispo_jax.trainer import Trainer
 
   shape = dict(SHAPES["qwen2.5-0.5b"])
   shape.pop("architecture")
@@ -130,11 +132,13 @@ def run_iteration(args):
                                     max_position_embeddings=32768, **shape)
     t1 = time.perf_counter()
     rl = RLConfig(run_dir=os.path.join(tmp, "run"), model_dir=model_dir, total_steps=1,
-                  prompts_per_step=args.prompts, num_generations=args.generations,
-                  max_new_tokens=args.new_tokens, num_iterations=1, num_minibatches=1,
-                  eval_every=10 ** 6, save_every=10 ** 6, export_final=False, dtype=args.dtype,
-                  param_dtype=args.param_dtype, remat=not args.no_remat, remat_policy=args.remat_policy,
-                  temperature=1.0)
+                  prompts_per_step=args.prompts,
+                  rollout=RolloutConfig(num_generations=args.generations, max_new_tokens=args.new_tokens,
+                                        temperature=1.0),
+                  update=UpdateConfig(num_iterations=1, num_minibatches=1), eval=EvalConfig(eval_every=10 ** 6),
+                  checkpoint=CheckpointConfig(save_every=10 ** 6, export_final=False),
+                  model_run=ModelRunConfig(dtype=args.dtype, param_dtype=args.param_dtype, remat=not args.no_remat,
+                                           remat_policy=args.remat_policy))
     here = os.path.dirname(os.path.abspath(__file__))  # the reward worker imports bench_scale from here
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     task = TaskConfig(rewards=(("bench_scale:varied_reward", 1.0),))

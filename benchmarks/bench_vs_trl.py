@@ -4,7 +4,7 @@
   python benchmarks/bench_vs_trl.py --model 3m --threads 1   # 2 warm-up + 6 timed iterations each
   python benchmarks/bench_vs_trl.py --model 27m --threads 1 --iterations 3 --warmup 1
   python benchmarks/bench_vs_trl.py --ours_only              # no torch/trl needed
-  python benchmarks/bench_vs_trl.py --rl old_logps_in_update=False   # any RLConfig field of ours
+  python benchmarks/bench_vs_trl.py --rl old_logps_in_update=False   # any field of our RLConfig or its sections
 
 The work (identical on both sides)
   * One random Qwen2 HF directory (`cispo_jax.model.tiny.make_tiny_model_dir`, character tokenizer over
@@ -19,13 +19,13 @@ The work (identical on both sides)
   * Reward: `hash_reward` below, a number in [0, 1) from the completion text's CRC-32 (EOS excluded), the
     same function on both sides: deterministic, cheap, varying within groups, and favouring no length
     (a length reward makes the generated lengths drift up during the run). Groups whose 8 rewards happen
-    to be equal are not dropped by either side: ours runs with RLConfig.filter_zero_variance=False (TRL
+    to be equal are not dropped by either side: ours runs with UpdateConfig.filter_zero_variance=False (TRL
     has no such filter; such a group gets advantage 0 on both sides, and its tokens are still computed).
   * Loss: CISPO, epsilon_high 5.0, no KL (TRL beta=0.0, so it builds no reference model; ours kl_coef=0),
     group-normalised (GRPO) advantages, AdamW (b1 .9, b2 .999, eps 1e-8, no weight decay), global-norm
     clip 1.0, constant learning rate (--lr, same on both).
   * Two passes over each rollout, one optimizer step per pass over all 64 completions.
-    Ours: RLConfig(num_iterations=2, num_minibatches=1, micro_batches=1).
+    Ours: UpdateConfig(num_iterations=2, num_minibatches=1, micro_batches=1).
     TRL 1.16 (read from trl/trainer/grpo_config.py and grpo_trainer.py): an optimizer step is
     per_device_train_batch_size x gradient_accumulation_steps completions; a generation batch is
     per_device_train_batch_size x steps_per_generation completions, generated once every
@@ -35,7 +35,7 @@ The work (identical on both sides)
     takes 2 optimizer steps over all 64 (one forward+backward each), then generates again: one TRL
     "iteration" = 2 optimizer steps = ours' one `Trainer.step()`. Because gradient_accumulation_steps (1)
     is not a multiple of steps_per_generation x num_iterations (2), TRL runs a separate no-grad forward
-    for the old log-probs after generating. Ours, by default (RLConfig.old_logps_in_update, with one
+    for the old log-probs after generating. Ours, by default (UpdateConfig.old_logps_in_update, with one
     minibatch), takes them from the update's first forward, which runs the sampling params on every row
     anyway: one forward less per iteration (--rl old_logps_in_update=False brings the separate one back).
 
@@ -60,7 +60,7 @@ What is timed (seconds, wall clock, perf_counter)
   generation  ours: time/rollout_s (encode + jitted sampler + to host). TRL: its `_generate`
               (tokenise, transformers `generate` with KV cache, decode), wrapped on the instance.
   reward      ours: time/reward_s (decode, reward worker process, advantages). TRL: `_calculate_rewards`.
-  old logps   ours: time/logps_s (with RLConfig.old_logps_in_update, on by default when num_minibatches=1,
+  old logps   ours: time/logps_s (with UpdateConfig.old_logps_in_update, on by default when num_minibatches=1,
               there is no separate forward: the update's first forward gives them, and this is only the
               update batch's host preparation). TRL: the no-grad calls of `_get_per_token_logps_and_entropies`.
   rollout     generation + reward + old log-probs. TRL: the whole `_generate_and_score_completions`
@@ -85,7 +85,7 @@ FLOPs (counted analytically; a multiply-add = 2 FLOPs)
   "useful" = these formulas on the real (unpadded) lengths. "executed" = what the program computes on
   its padded shapes, with dense attention: ours trains on [rows, bucket(8) + width] (pairs = T^2, logits
   on all `width` completion slots; rows and width from the step's metrics update/rows and
-  update/completion_width when the trainer reports them: RLConfig.trim_completions cuts the width to the
+  update/completion_width when the trainer reports them: UpdateConfig.trim_completions cuts the width to the
   longest completion rounded up to 8 x {1, 2, 3, 4, 6, ...}; else all 64 rows x 32), prefills 8 prompts
   once and decodes max(c) steps over all 64 rows, every step (and the prefill) attending to the whole
   cache of bucket + 32 - 1 slots; TRL trains on [64, max p + max c], prefills all 64 rows (max p tokens
@@ -293,7 +293,8 @@ def _ours_worker(conn, a: dict, model_dir: str):
   from cispo_jax import losses, sharding
   from cispo_jax.optim import OptimConfig
   from cispo_jax.task import TaskConfig
-  from cispo_jax.trainer import RLConfig, Trainer
+  from cispo_jax.rl_config import RLConfig
+  from cispo_jax.trainer import Trainer
 
   total = a["warmup"] + a["iterations"]
   fields = dict(run_dir=os.path.join(a["work_dir"], "ours_run"), model_dir=model_dir, total_steps=total,
@@ -301,14 +302,14 @@ def _ours_worker(conn, a: dict, model_dir: str):
                 num_minibatches=1, micro_batches=1, max_new_tokens=a["new_tokens"], temperature=1.0,
                 filter_zero_variance=False, eval_every=10 ** 9, save_every=10 ** 9, export_final=False,
                 seed=a["seed"], dtype="float32", param_dtype="float32", remat=False)
-  rl = RLConfig(**{**fields, **a["rl"]})  # --rl FIELD=VALUE overrides any of these
+  rl = RLConfig().replace(**{**fields, **a["rl"]})  # --rl FIELD=VALUE overrides any of these (flat names)
   loss = losses.LossConfig(loss_type="cispo", epsilon_high=5.0, kl_coef=0.0)
   optim = OptimConfig(learning_rate=a["lr"], schedule="constant", warmup_steps=0, weight_decay=0.0,
                       max_grad_norm=1.0)
   task = TaskConfig(task="arithmetic", rewards=(("bench_vs_trl:hash_reward", 1.0),))
   trainer = Trainer(rl, loss, optim, sharding.MeshConfig(fsdp=1), task, devices=jax.devices()[:1])
 
-  # RLConfig.old_logps_in_update: the old log-probs come out of the update's first forward (no separate pass).
+  # UpdateConfig.old_logps_in_update: the old log-probs come out of the update's first forward (no separate pass).
   old_separate = not getattr(trainer, "old_logps_in_update", False)
   seen: dict = {}
   generate = getattr(trainer, "_generate", None)
@@ -323,13 +324,13 @@ def _ours_worker(conn, a: dict, model_dir: str):
                     comp_lens=np.asarray(out.lengths_B).astype(int).tolist())
       return out
     trainer._generate = recording_generate
-  work = {k: getattr(rl, k) for k in ("compact_groups", "trim_completions", "old_logps_in_update")
-          if hasattr(rl, k)}
+  work = {k: getattr(rl.update, k) for k in ("compact_groups", "trim_completions", "old_logps_in_update")}
   conn.send(("ready", {"setup_s": time.perf_counter() - t0, "version": f"jax {jax.__version__}",
                        "backend": f"{jax.default_backend()}, {len(jax.devices())} device(s)",
-                       "config": {"num_iterations": rl.num_iterations, "num_minibatches": rl.num_minibatches,
-                                  "micro_batches": rl.micro_batches,
-                                  "filter_zero_variance": rl.filter_zero_variance, **work}}))
+                       "config": {"num_iterations": rl.update.num_iterations,
+                                  "num_minibatches": rl.update.num_minibatches,
+                                  "micro_batches": rl.update.micro_batches,
+                                  "filter_zero_variance": rl.update.filter_zero_variance, **work}}))
   try:
     while True:
       cmd = conn.recv()
@@ -556,7 +557,7 @@ def report(args, shape: Shape, sides: dict, n_params: float):
     if s.error:
       print(f"- {s.label}: FAILED: {s.error}")
   if ours and ours.info.get("config"):
-    print(f"- cispo_jax RLConfig (update work): {json.dumps(ours.info['config'])}")
+    print(f"- cispo_jax UpdateConfig (update work): {json.dumps(ours.info['config'])}")
   if trl and trl.info.get("config"):
     print(f"- TRL GRPOConfig as resolved: {json.dumps(trl.info['config'], default=str)}; reference model "
           f"built: {trl.info.get('ref_model')}")
@@ -647,7 +648,8 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--ours_only", action="store_true", help="skip TRL (also automatic when trl is missing)")
   ap.add_argument("--rl", action="append", default=[], metavar="FIELD=VALUE",
-                  help="override an RLConfig field of ours (repeatable), e.g. --rl old_logps_in_update=False")
+                  help="override a field of our RLConfig or its sections, by its name (repeatable), e.g. "
+                       "--rl old_logps_in_update=False")
   ap.add_argument("--threads", type=int, default=0,
                   help="pin each worker to this many CPUs (torch threads set to match); 0 = library defaults")
   ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one worker answer")

@@ -9,7 +9,7 @@ any other directory is an arm of its own. The statistics are in stats.py (pure n
 Compute axes (x of the curves and of the fit), all cumulative up to an eval point:
   iteration        RL iterations (one rollout batch each)
   rollout_tokens   completion tokens sampled (tokens/generated summed), the sampler's work
-  update_tokens    rollout tokens x passes over each rollout (RLConfig.num_iterations): the
+  update_tokens    rollout tokens x passes over each rollout (UpdateConfig.num_iterations): the
                    forward+backward work, which the off-policy depth sweep changes
 
 ScaleRL's fit (stats.fit_scalerl): R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B), R0 the first eval
@@ -78,8 +78,8 @@ def read_run(run_dir: str, arm: str | None = None) -> Run:
   seed = int(m["seed"]) if m else None
   arm = arm or (m["arm"] if m else name)
   bindings = read_bindings(run_dir)
-  passes = int(bindings.get("RLConfig.num_iterations", 1))
-  updates = passes * int(bindings.get("RLConfig.num_minibatches", 1))
+  passes = int(bindings.get("UpdateConfig.num_iterations", 1))
+  updates = passes * int(bindings.get("UpdateConfig.num_minibatches", 1))
   by_iter: dict[int, dict] = {}
   for r in rows:  # the iteration-0 eval row and iteration rows; a later row of an iteration wins
     by_iter.setdefault(int(r["iteration"]), {}).update(r)

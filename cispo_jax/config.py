@@ -7,6 +7,10 @@ bound value is then checked against its field's annotation (`check_field`: an in
 8.0 and no True, a bool field no 'False', a float field takes 2 as 2.0) and the error names the
 class, field, value, expected type and the gin file:line or flag that set it; last, the dataclasses
 validate values when built. All of it happens before anything is compiled.
+
+RLConfig is built from its sections' bindings (rl_config.py: `RolloutConfig.temperature`, not
+`RLConfig.temperature`); a binding of a field under its old RLConfig name is refused, naming where
+it was written and its new key.
 """
 
 from __future__ import annotations
@@ -29,19 +33,20 @@ from cispo_jax import losses, sharding
 from cispo_jax.bootstrap import BootstrapConfig
 from cispo_jax.optim import OptimConfig
 from cispo_jax.task import TaskConfig
-from cispo_jax.trainer import RLConfig, run_loss_config
+from cispo_jax.rl_config import RENAMED, SECTIONS, RLConfig
+from cispo_jax.trainer import run_loss_config
 
-CONFIG_CLASSES = {c.__name__: c for c in (RLConfig, losses.LossConfig, OptimConfig, sharding.MeshConfig,
-                                          TaskConfig, BootstrapConfig)}
+CONFIG_CLASSES = {c.__name__: c for c in (RLConfig, *SECTIONS.values(), losses.LossConfig, OptimConfig,
+                                          sharding.MeshConfig, TaskConfig, BootstrapConfig)}
 
 # The seed's flags and other common knobs: --flag value is shorthand for a gin binding.
 SHORTHANDS = {
     "loss_type": "LossConfig.loss_type", "epsilon_high": "LossConfig.epsilon_high",
     "epsilon_low": "LossConfig.epsilon_low", "aggregation": "LossConfig.aggregation",
     "beta": "LossConfig.kl_coef", "kl_coef": "LossConfig.kl_coef",
-    "num_generations": "RLConfig.num_generations", "num_iterations": "RLConfig.num_iterations",
+    "num_generations": "RolloutConfig.num_generations", "num_iterations": "UpdateConfig.num_iterations",
     "total_steps": "RLConfig.total_steps", "prompts_per_step": "RLConfig.prompts_per_step",
-    "temperature": "RLConfig.temperature", "max_new_tokens": "RLConfig.max_new_tokens",
+    "temperature": "RolloutConfig.temperature", "max_new_tokens": "RolloutConfig.max_new_tokens",
     "model_dir": "RLConfig.model_dir", "run_dir": "RLConfig.run_dir", "seed": "RLConfig.seed",
     "learning_rate": "OptimConfig.learning_rate", "task": "TaskConfig.task",
 }
@@ -53,7 +58,9 @@ def _register(cls):
   make.__signature__ = inspect.signature(cls)
   make.__name__ = make.__qualname__ = cls.__name__
   make.__doc__ = cls.__doc__
-  return gin.external_configurable(make, name=cls.__name__)
+  # RLConfig's sections are built from their own bindings (parse), never bound as RLConfig.rollout = ...
+  denylist = list(SECTIONS) if cls is RLConfig else None
+  return gin.external_configurable(make, name=cls.__name__, denylist=denylist)
 
 
 _GIN_MAKERS: dict[str, Any] = {}
@@ -238,6 +245,35 @@ def _find_gin_file(name: str) -> str | None:
   return None
 
 
+def _written_bindings(gin_files: Sequence[str], gin_params: Sequence[str]):
+  """(BindingStatement, where) for each binding of the files (includes followed), then of --gin_param, in
+  order; where is 'path:line (text)' or "--gin_param '...'". Raises what gin's parser raises."""
+
+  def walk(text_or_file, label, depth):
+    for statement in config_parser.ConfigParser(text_or_file, _NoEvalDelegate()):
+      if isinstance(statement, config_parser.BindingStatement):
+        yield statement, label(statement.location)
+      elif isinstance(statement, config_parser.IncludeStatement) and depth < 32:
+        path = _find_gin_file(statement.filename)
+        if path is not None:
+          yield from walk_file(path, depth + 1)
+
+  def walk_file(path, depth=0):
+    with open(path) as f:
+      yield from walk(f, lambda loc: f"{path}:{loc.line_num} ({loc.line_content.strip()})", depth)
+
+  for path in gin_files:
+    path = _find_gin_file(path)
+    if path is not None:
+      yield from walk_file(path)
+  for binding in gin_params:
+    yield from walk(binding, lambda loc, b=binding: f"--gin_param {b!r}", 0)
+
+
+def _selects(statement, cls_name: str) -> bool:
+  return statement.selector == cls_name or statement.selector.endswith("." + cls_name)
+
+
 def _binding_origin(cls_name: str, field: str, gin_files: Sequence[str], gin_params: Sequence[str],
                     shorthands: dict[str, str]) -> str | None:
   """Where the binding of cls_name.field that gin used was written: the last one of the files
@@ -246,33 +282,36 @@ def _binding_origin(cls_name: str, field: str, gin_files: Sequence[str], gin_par
     if SHORTHANDS.get(flag) == f"{cls_name}.{field}":
       return f"flag --{flag} {shorthands[flag]}"
   found: list[str] = []
-
-  def walk(text_or_file, label, depth=0):
-    for statement in config_parser.ConfigParser(text_or_file, _NoEvalDelegate()):
-      if isinstance(statement, config_parser.BindingStatement):
-        selector = statement.selector
-        if (not statement.scope and statement.arg_name == field
-            and (selector == cls_name or selector.endswith("." + cls_name))):
-          found.append(label(statement.location))
-      elif isinstance(statement, config_parser.IncludeStatement) and depth < 32:
-        path = _find_gin_file(statement.filename)
-        if path is not None:
-          walk_file(path, depth + 1)
-
-  def walk_file(path, depth=0):
-    with open(path) as f:
-      walk(f, lambda loc: f"{path}:{loc.line_num} ({loc.line_content.strip()})", depth)
-
   try:
-    for path in gin_files:
-      path = _find_gin_file(path)
-      if path is not None:
-        walk_file(path)
-    for binding in gin_params:
-      walk(binding, lambda loc, b=binding: f"--gin_param {b!r}")
+    for statement, where in _written_bindings(gin_files, gin_params):
+      if not statement.scope and statement.arg_name == field and _selects(statement, cls_name):
+        found.append(where)
   except Exception:  # the origin is a courtesy: gin has parsed all of this already
     pass
   return found[-1] if found else None
+
+
+def _check_renamed(gin_files: Sequence[str], gin_params: Sequence[str]) -> None:
+  """Refuse a binding of a field under the name it had before RLConfig was split into sections
+  (`RLConfig.temperature`: now `RolloutConfig.temperature`), or of a whole section (`RLConfig.rollout`),
+  naming each file:line or flag and the key to use. gin alone would call the first an unknown
+  parameter, without saying where the field went; nothing is ever silently ignored."""
+  problems = []
+  try:
+    for statement, where in _written_bindings(gin_files, gin_params):
+      if not _selects(statement, "RLConfig"):
+        continue
+      key = f"RLConfig.{statement.arg_name}"
+      if key in RENAMED:
+        problems.append(f"{where}: {key} is now {RENAMED[key]}")
+      elif statement.arg_name in SECTIONS:
+        section = SECTIONS[statement.arg_name].__name__
+        problems.append(f"{where}: {key} is built from the {section} bindings; bind {section}.<field> instead")
+  except Exception:  # a file gin's parser refuses: gin reports it (file, line) when it parses next
+    pass
+  if problems:
+    raise ValueError("RLConfig's fields are in sections now (cispo_jax/rl_config.py); rename:\n  "
+                     + "\n  ".join(problems))
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -285,7 +324,8 @@ def parse(gin_files: Sequence[str] | None = None, gin_params: Sequence[str] = ()
 
   gin_files=None means the packaged default experiment (configs/default.gin); gin files can
   `include 'default.gin'` to start from it. Later bindings win: files, then --gin_param, then
-  the shorthand flags. Returns {"RLConfig": RLConfig(...), "LossConfig": ..., "operative": text}.
+  the shorthand flags. Returns {"RLConfig": RLConfig(...), "RolloutConfig": ..., "LossConfig": ...,
+  "operative": text}; RLConfig holds the section configs (built["RLConfig"].rollout is built["RolloutConfig"]).
   """
   makers = _makers()
   gin.clear_config()
@@ -297,9 +337,10 @@ def parse(gin_files: Sequence[str] | None = None, gin_params: Sequence[str] = ()
     if flag not in SHORTHANDS:
       raise ValueError(f"unknown flag --{flag}; shorthands: {sorted(SHORTHANDS)}")
     bindings.append(f"{SHORTHANDS[flag]} = {_gin_literal(value, SHORTHANDS[flag])}")
+  _check_renamed(gin_files, gin_params)
   gin.parse_config_files_and_bindings(list(gin_files), bindings)
   built = {}
-  for name, make in makers.items():
+  for name in sorted(makers, key=lambda n: n == "RLConfig"):  # RLConfig last: it holds the sections
     cls = CONFIG_CLASSES[name]
     kwargs = {}
     for field, value in gin.get_bindings(name).items():  # macros and references resolved
@@ -309,7 +350,10 @@ def parse(gin_files: Sequence[str] | None = None, gin_params: Sequence[str] = ()
         origin = _binding_origin(name, field, gin_files, gin_params, shorthands or {})
         check_field(cls, field, value, origin or "a gin binding")
         raise
-    built[name] = make(**kwargs)  # explicit arguments win over gin's: the checked values are used
+    if cls is RLConfig:
+      kwargs.update({field: built[section.__name__] for field, section in SECTIONS.items()})
+    built[name] = makers[name](**kwargs)  # explicit arguments win over gin's: the checked values are used
+  built = {name: built[name] for name in CONFIG_CLASSES}
   built["LossConfig"] = run_loss_config(built["LossConfig"], built["RLConfig"])  # validated before compiling
   _check_groups(built["RLConfig"])
   built["operative"] = _operative(built)
@@ -320,20 +364,23 @@ def _check_groups(rl: RLConfig) -> None:
   """Every advantage estimator (advantages.ADVANTAGE_ESTIMATORS) is relative to the prompt's
   group of num_generations completions: a group of one has advantage 0 (rloo: undefined) and
   zero reward variance, so every iteration would be skipped, without a warning."""
-  if rl.num_generations < 2:
+  n, up = rl.rollout.num_generations, rl.update
+  if n < 2:
     raise ValueError(
-        f"RLConfig.num_generations={rl.num_generations} with RLConfig.advantage={rl.advantage!r}: the "
+        f"RolloutConfig.num_generations={n} with UpdateConfig.advantage={up.advantage!r}: the "
         f"advantage is relative to the group of num_generations completions of a prompt, and a group of "
         f"one carries no signal (its advantage is 0"
-        f"{', and RLConfig.filter_zero_variance drops it' if rl.filter_zero_variance else ''}), so every "
-        f"iteration would be skipped. Use RLConfig.num_generations >= 2.")
+        f"{', and UpdateConfig.filter_zero_variance drops it' if up.filter_zero_variance else ''}), so every "
+        f"iteration would be skipped. Use RolloutConfig.num_generations >= 2.")
 
 
 def _operative(built: dict[str, Any]) -> str:
   """Every field of every config, as gin bindings (what the run actually used)."""
   lines = []
-  for name in CONFIG_CLASSES:
+  for name, cls in CONFIG_CLASSES.items():
     for f in dataclasses.fields(built[name]):
+      if cls is RLConfig and f.name in SECTIONS:  # each section's fields are written under its own name
+        continue
       lines.append(f"{name}.{f.name} = {getattr(built[name], f.name)!r}")
   return "\n".join(lines) + "\n"
 

@@ -13,6 +13,7 @@ scores its share of every set on the mesh; process 0 writes metrics.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -83,12 +84,12 @@ class ModelSampler:
 
     self.rl = rl
     self.mesh = sharding.make_mesh(mesh_cfg, devices)
-    self.model_cfg = hf_io.load_config(rl.model_dir, **{k: getattr(rl, k) for k in hf_io.RUN_OVERRIDES})
+    self.model_cfg = hf_io.load_config(rl.model_dir, **dataclasses.asdict(rl.model_run))
     self.tokenizer = hf_io.load_tokenizer(rl.model_dir)
     shardings = sharding.param_shardings(logical_axes(self.model_cfg), param_shapes(self.model_cfg), self.mesh)
     self.params = hf_io.load_params(rl.model_dir, self.model_cfg, shardings=shardings)
     self.engine = NativeEngine(self.model_cfg, self.tokenizer, self.mesh, shardings,
-                               apply_chat_template=rl.apply_chat_template, copy_weights=False)
+                               apply_chat_template=rl.rollout.apply_chat_template, copy_weights=False)
     self.local_rows = self.engine.local_rows
 
   def generate(self, params, examples, key, cfg):
@@ -107,19 +108,19 @@ def evaluate(configs: dict[str, Any], out_dir: str, devices=None) -> dict[str, A
   if not rl.model_dir:
     raise ValueError("--model_dir is required")
   sampler = ModelSampler(rl, configs["MeshConfig"], devices)
-  limits = dict(max_new_tokens=rl.max_new_tokens, prompt_buckets=rl.prompt_buckets,
-                apply_chat_template=rl.apply_chat_template)
+  limits = dict(max_new_tokens=rl.rollout.max_new_tokens, prompt_buckets=rl.rollout.prompt_buckets,
+                apply_chat_template=rl.rollout.apply_chat_template)
   sets = task.eval_sources(sampler.tokenizer, sampler.model_cfg, **limits)
   if not sets:
     train, held = make_sources(task, seed=rl.seed)
     _, held = task.check_sources(train, held, sampler.tokenizer, sampler.model_cfg, **limits)
-    sets = {HELDOUT: held[:rl.eval_size]}
+    sets = {HELDOUT: held[:rl.eval.eval_size]}
   scorer = Scorer(task)
   try:
     evaluator = Evaluator(
         sampler.generate, sampler.local_rows, sampler.tokenizer, scorer,
-        greedy_cfg=_sampling_config(rl, sampler.tokenizer, greedy=True, n=1),
-        sampled_cfg=_sampling_config(rl, sampler.tokenizer, greedy=False, n=task.eval_samples)
+        greedy_cfg=_sampling_config(rl.rollout, sampler.tokenizer, greedy=True, n=1),
+        sampled_cfg=_sampling_config(rl.rollout, sampler.tokenizer, greedy=False, n=task.eval_samples)
         if task.eval_samples else None, ks=task.pass_k(), batch_size=task.eval_batch_size, seed=rl.seed)
     metrics = evaluator(sampler.params, sets, os.path.join(out_dir, "outputs.jsonl"))
   finally:

@@ -1,6 +1,6 @@
 """Evaluation on named sets: greedy pass@1, sampled pass@k, completion length, format errors.
 
-Used by the trainer every RLConfig.eval_every and by `python -m cispo_jax.evaluate`. Sharded like
+Used by the trainer every EvalConfig.eval_every and by `python -m cispo_jax.evaluate`. Sharded like
 training: each process takes a contiguous share of every set (ceil(N / processes) prompts, the
 last shares padded with copies that count for nothing), generates on the mesh through the caller's
 `generate`, scores its own rows in the reward worker and writes its own per-example JSONL; the

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 
+from cispo_jax.rl_config import RENAMED
+
 log = logging.getLogger(__name__)
 
 
@@ -42,12 +44,18 @@ def record_operative_config(run_dir: str, operative: str, *, resuming: bool, all
 
 
 def bindings(text: str) -> dict[str, str]:
-  """'Config.field = value' lines of an operative config (comments and blank lines ignored)."""
+  """'Config.field = value' lines of an operative config (comments and blank lines ignored).
+
+  A file written before RLConfig was split into sections reads under the new keys (`RLConfig.temperature`
+  as `RolloutConfig.temperature`, rl_config.RENAMED): a run started then resumes without a spurious config
+  change, and analysis finds its settings. This is only for what a run recorded; a gin file or flag that
+  binds an old key is refused (config.py)."""
   out = {}
   for line in text.splitlines():
     if line.strip() and not line.lstrip().startswith("#") and " = " in line:
       key, _, value = line.partition(" = ")
-      out[key.strip()] = value.strip()
+      key = key.strip()
+      out[RENAMED.get(key, key)] = value.strip()
   return out
 
 

@@ -1,6 +1,6 @@
 """Pipelined off-policy RL: the next rollouts are sampled while the current update runs.
 
-Schedule. With s = RLConfig.max_staleness, the rollout of iteration i is sampled by policy version
+Schedule. With s = RolloutConfig.max_staleness, the rollout of iteration i is sampled by policy version
 
     v(i) = max(base, i - s)            (version v = the params after v RL iterations)
 
@@ -14,7 +14,7 @@ the weights (the one it samples with and the newer ones the trainer has publishe
 Threads. A producer thread makes the rollouts in order (draws prompts, samples on the rollout
 engine, scores, and for a stale rollout recomputes the behaviour policy's log-probs); the trainer's
 thread takes them in order, updates, and publishes each new version to the engine (a copy: the
-next update donates the buffers). With a rollout sub-mesh (RLConfig.rollout_devices) the two run
+next update donates the buffers). With a rollout sub-mesh (RolloutConfig.rollout_devices) the two run
 on disjoint devices at the same time; colocated, they share the devices.
 
 Resume. A checkpoint after iteration j holds the rollouts j .. j+s-1 (sampled by versions older than

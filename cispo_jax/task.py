@@ -46,13 +46,13 @@ class TaskConfig:
   messages_key: str = ""  # a column holding the chat to continue ([{role, content}, ...]) instead of prompt_key
   extra_keys: tuple[str, ...] | None = None  # columns passed to the rewards in Example.meta; None = all others
   # How a prompt becomes the model's input (data/chat.py): "raw" text for base models, or "chat": the
-  # tokenizer's chat template with the generation prompt. (RLConfig.apply_chat_template is the older
+  # tokenizer's chat template with the generation prompt. (RolloutConfig.apply_chat_template is the older
   # one-user-turn switch; the two are not combined.)
   prompt_format: str = "raw"
   prompt_template: str = "{prompt}"  # str.format with {prompt} and the example's meta fields
   system_prompt: str = ""
   few_shot: tuple[tuple[str, str], ...] = ()  # (question, answer) pairs shown before each prompt
-  # Evaluation (evaluation.py): in training every RLConfig.eval_every, and `python -m cispo_jax.evaluate`.
+  # Evaluation (evaluation.py): in training every EvalConfig.eval_every, and `python -m cispo_jax.evaluate`.
   eval_sets: dict[str, str] = dataclasses.field(default_factory=dict)  # more held-out sets: name -> path
   eval_samples: int = 0  # completions sampled per eval prompt for pass@k; 0 = greedy pass@1 only
   eval_k: tuple[int, ...] = ()  # the k of sampled pass@k, each <= eval_samples; () = (1, eval_samples)
@@ -154,7 +154,7 @@ class TaskConfig:
     """One source rendered by the prompt format, then checked against the run's prompt limit."""
     fmt = self.prompt_renderer()
     if apply_chat_template and not fmt.identity:
-      raise ValueError(f"RLConfig.apply_chat_template=True wraps each prompt as a user turn, and TaskConfig."
+      raise ValueError(f"RolloutConfig.apply_chat_template=True wraps each prompt as a user turn, and TaskConfig."
                        f"prompt_format={fmt.kind!r} renders prompts itself; use prompt_format='chat' alone")
     src = chat.render_source(src, fmt, tokenizer, name)
     largest, max_pos = max(prompt_buckets), model_cfg.max_position_embeddings

@@ -5,7 +5,7 @@ unreduced sums and denominators over micro-batches (lax.scan) and divides once, 
 minibatch never changes the gradient. `update_on_rollout` runs num_iterations epochs of
 minibatches over one rollout batch inside a single jitted program.
 
-Update work without gradient (the trainer's RLConfig.compact_groups / trim_completions /
+Update work without gradient (the trainer's UpdateConfig.compact_groups / trim_completions /
 old_logps_in_update): `update_on_rollout` can take the minibatch order from the caller
 (`order_IxMxG`, group indices per epoch and minibatch). The trainer computes the same shuffle on
 the host (`epoch_permutations`, from the same key), drops the zero-weight groups from each

@@ -1,8 +1,8 @@
 """The RL loop: prompts -> rollout -> rewards -> advantages -> old log-probs -> updates.
 
-Read top to bottom: config, set-up (mesh, model, sharded state, data, checkpoints), one
-iteration (`_rollout`, `_update`), eval, and `run`. Everything on the device is jitted once
-per prompt bucket; the host only tokenises, scores and logs.
+Read top to bottom: set-up (mesh, model, sharded state, data, checkpoints), one iteration
+(`_rollout`, `_update`), eval, and `run` (the config, RLConfig and its sections: rl_config.py).
+Everything on the device is jitted once per prompt bucket; the host only tokenises, scores and logs.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from cispo_jax.model import hf_io, logical_axes, param_shapes
 from cispo_jax.operative_config import bindings, record_operative_config
 from cispo_jax.optim import OptimConfig, make_optimizer
 from cispo_jax.pipeline import Pipeline
+from cispo_jax.rl_config import RLConfig, RolloutConfig
 from cispo_jax.rollout import NativeEngine, Rollout, batched_completion_logps, local_rows  # noqa: F401
-from cispo_jax.profiler import IterationProfiler, check_iterations
+from cispo_jax.profiler import IterationProfiler
 from cispo_jax.task import HELDOUT, Scorer, TaskConfig, make_sources
 from cispo_jax.update_plan import group_quantum, plan_update
 from cispo_jax.train_step import RolloutBatch, StepConfig, TrainState, epoch_permutations, update_on_rollout
@@ -41,126 +42,20 @@ from cispo_jax.train_step import RolloutBatch, StepConfig, TrainState, epoch_per
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class RLConfig:
-  """The RL loop. Names follow TRL where they exist (num_generations, num_iterations)."""
-  run_dir: str = "runs/default"
-  model_dir: str = ""  # local HF directory; "" = bootstrap the small offline model (bootstrap.py)
-  total_steps: int = 40  # RL iterations (rollout + updates)
-  prompts_per_step: int = 16
-  num_generations: int = 8  # completions per prompt (the group)
-  num_iterations: int = 2  # passes over each rollout; > 1 makes the policy ratio depart from 1
-  num_minibatches: int = 2  # optimizer steps per pass
-  micro_batches: int = 1  # gradient accumulation inside each optimizer step
-  max_new_tokens: int = 8
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  min_p: float = 0.0
-  advantage: str = "grpo"  # see advantages.ADVANTAGES
-  filter_zero_variance: bool = True  # groups whose rewards are all equal carry no signal
-  tis_cap: float = 0.0  # > 0: truncated IS correction min(pi_old / pi_sampler, cap) on the advantages
-  eval_every: int = 10
-  eval_size: int = 128
-  save_every: int = 10
-  keep_checkpoints: int = 2
-  seed: int = 0
-  export_final: bool = True
-  apply_chat_template: bool = False
-  prompt_buckets: tuple = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # padded prompt lengths (one program each)
-  # How to run the model (overrides of the checkpoint's config).
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  lm_head_f32: bool = True
-  remat: bool = False  # rematerialise each layer in the backward pass
-  remat_policy: str = "nothing_saveable"  # nothing_saveable | save_dots | save_dots_no_batch | offload_dots
-  scan_unroll: int = 0  # layers per iteration of the layer scan; 0 = auto (ModelConfig.scan_unroll)
-  attention_impl: str = "auto"  # auto | dense | blockwise | cudnn | splash (model/attention.py)
-  attention_block: int = 512
-  logprob_chunk: int = 1024  # completion positions per LM-head chunk of the training log-probs
-  max_nonfinite_skips: int = 10  # consecutive optimizer steps skipped for a NaN/inf loss or gradient before the run stops
-  # Update work that carries no gradient (each switch leaves the loss and gradient unchanged up to f32 rounding;
-  # tests/test_update_work.py):
-  # compact_groups: groups with mask 0 everywhere (filter_zero_variance's all-equal groups) leave the update batch
-  #   (and the old/reference log-prob forwards). Each minibatch keeps exactly the weighted groups the masked full
-  #   batch would give it (the update's shuffle is drawn on the host from the same key) and is padded with
-  #   zero-weight groups to a bucket: quantum * {1, 2, 3, 4, 6, 8, 12, ...}, the quantum being the smallest group
-  #   count that splits into micro_batches and over the data x fsdp devices; the full size when that is reached.
-  #   Every aggregation's sums and denominators (Dr.GRPO's constant included), the KL and the entropy terms see
-  #   masked tokens only, so dropping them changes nothing. A few update programs get compiled (one per bucket).
-  #   With micro_batches > 1 the train/ token-mean metrics (ratio_mean, kl_ref, entropy, pg_loss, ...), which are
-  #   averaged per micro-batch, can shift because other groups share a micro-batch; train/loss and the gradient
-  #   do not. logp_gap/sampler_vs_trainer is measured on the tokens that enter the loss (either way).
-  compact_groups: bool = True
-  # trim_completions: the update's completion axis (and the token / kv arrays) cut to 8 * {1, 2, 3, 4, 6, ...}
-  #   positions >= the longest completion that enters the loss (capped at max_new_tokens). The positions cut are
-  #   padding after every kept completion stopped; attention is causal, so the others do not change.
-  trim_completions: bool = True
-  # old_logps_in_update: with num_minibatches == 1 and tis_cap == 0 the first optimizer step's forward runs the
-  #   params the rollout was sampled with on every row: it gives the old log-probs (stop_gradient, ratio exactly 1)
-  #   and the separate old-log-prob forward is skipped (the reference forward for a KL stays). The old log-probs
-  #   then come from the training forward itself rather than from a second program: equal to f32 rounding in
-  #   float32 (at bf16, within the compute dtype's rounding, and the first step's ratio is exactly 1). TIS needs
-  #   them on the host before the update, and a later minibatch needs the pre-update params: then the separate
-  #   forward runs as before. logp_gap/sampler_vs_trainer is computed after the update then.
-  old_logps_in_update: bool = True
-  # Pipelined off-policy RL (pipeline.py). The rollout of iteration i is sampled by the policy of iteration
-  # max(0, i - max_staleness) while the updates in between run; 0 = the synchronous loop (sample, then update).
-  max_staleness: int = 0
-  # > 0: the first rollout_devices devices sample (a rollout sub-mesh, FSDP over them) and the rest train
-  # (RLConfig's MeshConfig applies to those); weights are copied over after each update. 0 = colocated.
-  rollout_devices: int = 0
-  # The old log-probs of a stale rollout (the behaviour policy's): "recompute" = a training forward at the
-  # version that sampled it, on the rollout devices; "sampler" = the sampler's own log-probs.
-  behaviour_logps: str = "recompute"
-  profile_iterations: tuple[int, ...] = ()  # (i, j): jax.profiler trace of iterations i..j into <run_dir>/profile
-  wandb_project: str = ""  # also log to Weights & Biases (optional package; WANDB_MODE=offline works offline)
-
-  def __post_init__(self):
-    positive = ("total_steps", "prompts_per_step", "num_generations", "num_iterations",
-                "num_minibatches", "micro_batches", "max_new_tokens", "eval_every", "save_every",
-                "eval_size", "keep_checkpoints", "max_nonfinite_skips")
-    for name in positive:
-      if getattr(self, name) < 1:
-        raise ValueError(f"RLConfig.{name}={getattr(self, name)}; must be >= 1")
-    if self.prompts_per_step % (self.num_minibatches * self.micro_batches):
-      raise ValueError(
-          f"RLConfig.prompts_per_step={self.prompts_per_step} must be divisible by num_minibatches *"
-          f" micro_batches={self.num_minibatches * self.micro_batches} (prompt groups are never split)")
-    if self.advantage not in adv_lib.ADVANTAGE_ESTIMATORS:
-      raise ValueError(f"RLConfig.advantage={self.advantage!r}; allowed: {sorted(adv_lib.ADVANTAGE_ESTIMATORS)}")
-    if not self.temperature > 0:
-      raise ValueError(f"RLConfig.temperature={self.temperature}; must be > 0")
-    for name in ("max_staleness", "rollout_devices"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"RLConfig.{name}={getattr(self, name)}; must be >= 0")
-    if self.behaviour_logps not in BEHAVIOUR_LOGPS:
-      raise ValueError(f"RLConfig.behaviour_logps={self.behaviour_logps!r}; allowed: {list(BEHAVIOUR_LOGPS)}")
-    check_iterations(self.profile_iterations)
-
-  @property
-  def pipelined(self) -> bool:
-    """Rollouts come from a producer thread (pipeline.py) rather than in line."""
-    return self.max_staleness > 0 or self.rollout_devices > 0
-
-
-BEHAVIOUR_LOGPS = ("recompute", "sampler")
-
-
 def run_loss_config(loss: losses.LossConfig, rl: RLConfig) -> losses.LossConfig:
   """The loss as this run uses it: Dr.GRPO's constant normaliser defaults to max_new_tokens."""
   if loss.max_completion_length is None:
-    loss = dataclasses.replace(loss, max_completion_length=rl.max_new_tokens)
+    loss = dataclasses.replace(loss, max_completion_length=rl.rollout.max_new_tokens)
   return loss.resolved()
 
 
-def _sampling_config(rl: RLConfig, tokenizer, *, greedy: bool, n: int) -> sampling.SamplingConfig:
+def _sampling_config(ro: RolloutConfig, tokenizer, *, greedy: bool, n: int) -> sampling.SamplingConfig:
   return sampling.SamplingConfig(
-      max_new_tokens=rl.max_new_tokens, temperature=1.0 if greedy else rl.temperature, greedy=greedy,
-      top_k=0 if greedy else rl.top_k, top_p=1.0 if greedy else rl.top_p,
-      min_p=0.0 if greedy else rl.min_p, stop_token_ids=(tokenizer.eos_token_id,), num_samples=n,
+      max_new_tokens=ro.max_new_tokens, temperature=1.0 if greedy else ro.temperature, greedy=greedy,
+      top_k=0 if greedy else ro.top_k, top_p=1.0 if greedy else ro.top_p,
+      min_p=0.0 if greedy else ro.min_p, stop_token_ids=(tokenizer.eos_token_id,), num_samples=n,
       pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-      prompt_buckets=tuple(rl.prompt_buckets))
+      prompt_buckets=tuple(ro.prompt_buckets))
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; rerun the same command to resume
@@ -170,14 +65,16 @@ class Trainer:
   def __init__(self, rl: RLConfig, loss: losses.LossConfig, optim: OptimConfig,
                mesh_cfg: sharding.MeshConfig, task: TaskConfig, operative_config: str = "",
                devices=None, allow_config_change: bool = False, rollout_thread: bool | None = None):
-    """rollout_thread: rollouts from a producer thread (pipeline.py); default: RLConfig.pipelined. With
+    """rollout_thread: rollouts from a producer thread (pipeline.py); default: RolloutConfig.pipelined. With
     max_staleness 0 on the train mesh that thread runs in lock-step with the update and gives the
     synchronous loop's result bit for bit (tests/test_pipeline.py)."""
     self.rl, self.loss_cfg, self.task = rl, run_loss_config(loss, rl), task
-    self.rollout_thread = rl.pipelined if rollout_thread is None else rollout_thread
+    ro, up = rl.rollout, rl.update
+    self.rollout_thread = ro.pipelined if rollout_thread is None else rollout_thread
     self.main = sharding.is_main_process()
     os.makedirs(rl.run_dir, exist_ok=True)
-    self.ckpt = Checkpointer(os.path.join(rl.run_dir, "checkpoints"), rl.save_every, rl.keep_checkpoints)
+    self.ckpt = Checkpointer(os.path.join(rl.run_dir, "checkpoints"), rl.checkpoint.save_every,
+                             rl.checkpoint.keep_checkpoints)
     resuming = self.ckpt.latest() is not None
     if operative_config:  # before anything is built: a refused config change costs nothing
       record_operative_config(rl.run_dir, operative_config, resuming=resuming, allow_change=allow_config_change,
@@ -185,23 +82,23 @@ class Trainer:
 
     # --- meshes and model: the train mesh, and the rollout sub-mesh if the devices are split ----------
     devices = list(jax.devices() if devices is None else devices)
-    if rl.pipelined and jax.process_count() > 1:
-      raise ValueError("RLConfig.max_staleness > 0 and RLConfig.rollout_devices > 0 run on one process for now "
-                       f"(this run has {jax.process_count()}); use the synchronous loop across hosts")
+    if ro.pipelined and jax.process_count() > 1:
+      raise ValueError("RolloutConfig.max_staleness > 0 and RolloutConfig.rollout_devices > 0 run on one process "
+                       f"for now (this run has {jax.process_count()}); use the synchronous loop across hosts")
     rollout_devices = []
-    if rl.rollout_devices:
-      if rl.rollout_devices >= len(devices):
-        raise ValueError(f"RLConfig.rollout_devices={rl.rollout_devices} leaves no device to train on "
+    if ro.rollout_devices:
+      if ro.rollout_devices >= len(devices):
+        raise ValueError(f"RolloutConfig.rollout_devices={ro.rollout_devices} leaves no device to train on "
                          f"({len(devices)} devices)")
-      rollout_devices, devices = devices[:rl.rollout_devices], devices[rl.rollout_devices:]
+      rollout_devices, devices = devices[:ro.rollout_devices], devices[ro.rollout_devices:]
     self.mesh = sharding.make_mesh(mesh_cfg, devices)
-    self.model_cfg = hf_io.load_config(rl.model_dir, **{k: getattr(rl, k) for k in hf_io.RUN_OVERRIDES})
+    self.model_cfg = hf_io.load_config(rl.model_dir, **dataclasses.asdict(rl.model_run))
     self.tokenizer = hf_io.load_tokenizer(rl.model_dir)
     if self.tokenizer.eos_token_id is None:
       raise ValueError(f"tokenizer in {rl.model_dir} has no eos_token: the sampler needs a stop token")
 
     # --- sharded state: parameters by the logical-axis rules, the optimizer state alike --------
-    updates_per_step = rl.num_iterations * rl.num_minibatches
+    updates_per_step = up.num_iterations * up.num_minibatches
     self.tx, self.schedule = make_optimizer(optim, rl.total_steps * updates_per_step)
     params_logical, shapes = logical_axes(self.model_cfg), param_shapes(self.model_cfg)
     self.param_shardings = sharding.param_shardings(params_logical, shapes, self.mesh)
@@ -220,15 +117,15 @@ class Trainer:
     self.batch_sharding = sharding.batch_sharding(self.mesh, 1)  # dim 0 over the data axes, any rank
     # Eval samples on the train mesh with the current params; rollouts come from `self.engine`.
     self.eval_engine = NativeEngine(self.model_cfg, self.tokenizer, self.mesh, self.param_shardings,
-                                    apply_chat_template=rl.apply_chat_template, copy_weights=False)
+                                    apply_chat_template=ro.apply_chat_template, copy_weights=False)
     if rollout_devices:
       rollout_mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1), rollout_devices)
       self.engine = NativeEngine(self.model_cfg, self.tokenizer, rollout_mesh,
                                  sharding.param_shardings(params_logical, shapes, rollout_mesh),
-                                 apply_chat_template=rl.apply_chat_template, copy_weights=True)
+                                 apply_chat_template=ro.apply_chat_template, copy_weights=True)
     else:  # in lock-step (max_staleness 0) the sampler reads the trainer's own buffers, as it always did
       self.engine = NativeEngine(self.model_cfg, self.tokenizer, self.mesh, self.param_shardings,
-                                 apply_chat_template=rl.apply_chat_template, copy_weights=rl.max_staleness > 0)
+                                 apply_chat_template=ro.apply_chat_template, copy_weights=ro.max_staleness > 0)
 
     # --- data, rewards ---------------------------------------------------------------------
     proc, nproc = jax.process_index(), jax.process_count()
@@ -239,47 +136,47 @@ class Trainer:
     # Every prompt checked before anything compiles: too long for the buckets or the model, or token ids
     # outside the model's vocabulary (TaskConfig.too_long: drop and count, or refuse naming file:line).
     train_src, eval_examples = task.check_sources(
-        train_src, eval_examples, self.tokenizer, self.model_cfg, max_new_tokens=rl.max_new_tokens,
-        prompt_buckets=rl.prompt_buckets, apply_chat_template=rl.apply_chat_template)
+        train_src, eval_examples, self.tokenizer, self.model_cfg, max_new_tokens=ro.max_new_tokens,
+        prompt_buckets=ro.prompt_buckets, apply_chat_template=ro.apply_chat_template)
     # Evaluated every eval_every: the held-out split, then TaskConfig.eval_sets (evaluation.py shards each).
-    self.eval_sets = {HELDOUT: eval_examples[:min(rl.eval_size, len(eval_examples))], **task.eval_sources(
-        self.tokenizer, self.model_cfg, max_new_tokens=rl.max_new_tokens, prompt_buckets=rl.prompt_buckets,
-        apply_chat_template=rl.apply_chat_template)}
+    self.eval_sets = {HELDOUT: eval_examples[:min(rl.eval.eval_size, len(eval_examples))], **task.eval_sources(
+        self.tokenizer, self.model_cfg, max_new_tokens=ro.max_new_tokens, prompt_buckets=ro.prompt_buckets,
+        apply_chat_template=ro.apply_chat_template)}
     self.stream = data_lib.PromptStream(train_src, rl.prompts_per_step, seed=rl.seed).shard(proc, nproc)
     self.scorer = Scorer(task)
-    self.train_sampling = _sampling_config(rl, self.tokenizer, greedy=False, n=rl.num_generations)
-    self.eval_sampling = _sampling_config(rl, self.tokenizer, greedy=True, n=1)
+    self.train_sampling = _sampling_config(ro, self.tokenizer, greedy=False, n=ro.num_generations)
+    self.eval_sampling = _sampling_config(ro, self.tokenizer, greedy=True, n=1)
     self.evaluator = Evaluator(
         lambda params, examples, key, cfg: self.eval_engine.generate(examples, key, cfg, params=params, host=True),
         self.eval_engine.local_rows, self.tokenizer, self.scorer, greedy_cfg=self.eval_sampling,
-        sampled_cfg=_sampling_config(rl, self.tokenizer, greedy=False, n=task.eval_samples) if task.eval_samples
+        sampled_cfg=_sampling_config(ro, self.tokenizer, greedy=False, n=task.eval_samples) if task.eval_samples
         else None, ks=task.pass_k(), batch_size=task.eval_batch_size, seed=rl.seed)
 
     # --- jitted functions ------------------------------------------------------------------
-    self.step_cfg = StepConfig(model=self.model_cfg, loss=self.loss_cfg, temperature=rl.temperature,
-                               micro_batches=rl.micro_batches, num_generations=rl.num_generations,
+    self.step_cfg = StepConfig(model=self.model_cfg, loss=self.loss_cfg, temperature=ro.temperature,
+                               micro_batches=up.micro_batches, num_generations=ro.num_generations,
                                use_ref=self.ref_params is not None)
     self._logps = functools.partial(batched_completion_logps, model_cfg=self.model_cfg,
-                                    temperature=rl.temperature, micro_batches=rl.micro_batches)
+                                    temperature=ro.temperature, micro_batches=up.micro_batches)
     # The old log-probs come out of the update's first forward when nothing needs them before it.
     # Not with stale rollouts: their old log-probs are the behaviour policy's, not the current params'.
-    self.old_logps_in_update = (rl.old_logps_in_update and rl.num_minibatches == 1 and rl.tis_cap == 0
-                                and rl.max_staleness == 0)
+    self.old_logps_in_update = (up.old_logps_in_update and up.num_minibatches == 1 and up.tis_cap == 0
+                                and ro.max_staleness == 0)
     update = functools.partial(update_on_rollout, cfg=self.step_cfg, tx=self.tx, schedule=self.schedule,
-                               num_iterations=rl.num_iterations, num_minibatches=rl.num_minibatches,
+                               num_iterations=up.num_iterations, num_minibatches=up.num_minibatches,
                                old_from_first_step=self.old_logps_in_update)
     rep = sharding.replicated(self.mesh)
     outs = (self.state_shardings, rep) + ((self.batch_sharding,) if self.old_logps_in_update else ())
-    if rl.compact_groups:  # the host passes each epoch's minibatch order (plan_update)
+    if up.compact_groups:  # the host passes each epoch's minibatch order (plan_update)
       self._update = jax.jit(update, in_shardings=(self.state_shardings, self.batch_sharding, rep),
                              out_shardings=outs, donate_argnums=0)
     else:
       self._update = jax.jit(lambda state, batch: update(state, batch), in_shardings=(
           self.state_shardings, self.batch_sharding), out_shardings=outs, donate_argnums=0)
     self._perms = jax.jit(functools.partial(epoch_permutations, n_groups=rl.prompts_per_step,
-                                            num_iterations=rl.num_iterations), out_shardings=rep)
+                                            num_iterations=up.num_iterations), out_shardings=rep)
     sizes = dict(self.mesh.shape)
-    self.group_quantum = group_quantum(rl.num_generations, rl.micro_batches, sizes["data"] * sizes["fsdp"])
+    self.group_quantum = group_quantum(ro.num_generations, up.micro_batches, sizes["data"] * sizes["fsdp"])
 
     # --- resume, logs -------------------------------------------------------------------------
     self.iteration, self.eval_start = 0, None
@@ -302,7 +199,7 @@ class Trainer:
     if self.rollout_thread:
       # Rollouts older than the restored version come from the checkpoint; a run resumed without them (a
       # checkpoint of the synchronous loop) samples its first rollouts with the restored version.
-      self.pipeline = Pipeline(self._make_rollout, self.engine, staleness=rl.max_staleness,
+      self.pipeline = Pipeline(self._make_rollout, self.engine, staleness=ro.max_staleness,
                                first=self.iteration + len(pending), total=rl.total_steps,
                                base_version=self.iteration if restored is not None and not pending else 0,
                                pending=pending)
@@ -343,19 +240,19 @@ class Trainer:
   def _make_rollout(self, iteration: int, version: int, rng_data) -> Rollout:
     """Draw the next prompts, sample them with policy `version`, score them; for a stale rollout
     (version < iteration) also the behaviour policy's log-probs. In line, or on the rollout thread."""
-    rl = self.rl
+    ro = self.rl.rollout
     examples = self.stream.next_batch()
     stream_state = self.stream.state()
     key = jax.random.fold_in(jax.random.wrap_key_data(np.asarray(rng_data)), iteration)
     t0 = time.perf_counter()
     out = jax.block_until_ready(self.engine.generate(examples, key, self.train_sampling, version=version))
     t1 = time.perf_counter()
-    rewards_B, stats = self._score(out, examples, rl.num_generations)
+    rewards_B, stats = self._score(out, examples, ro.num_generations)
     t2 = time.perf_counter()
     behaviour = None
-    if version != iteration and rl.behaviour_logps == "recompute":
+    if version != iteration and ro.behaviour_logps == "recompute":
       behaviour = jax.block_until_ready(self.engine.completion_logps(
-          out, version=version, temperature=rl.temperature, micro_batches=rl.micro_batches))
+          out, version=version, temperature=ro.temperature, micro_batches=self.rl.update.micro_batches))
     t3 = time.perf_counter()
     return Rollout(iteration, version, out, rewards_B, dict(stats), behaviour, stream_state,
                    {"rollout": t1 - t0, "reward": t2 - t1, "behaviour_logps": t3 - t2})
@@ -364,7 +261,7 @@ class Trainer:
     """Advantages and the update batch of a rollout. Returns (batch or None when no group carries
     signal, metrics, extra inputs of the update, host data for the logp gap when the update computes
     the old log-probs)."""
-    rl, n = self.rl, self.rl.num_generations
+    up, n = self.rl.update, self.rl.rollout.num_generations
     out, rewards_B, stats = r.out, r.rewards_B, r.stats
     for k in self.reward_events:
       self.reward_events[k] += int(stats.get(k, 0))
@@ -372,7 +269,7 @@ class Trainer:
     # batch gathers its rows of them there); only the [B] keep flags come back, for the update plan.
     rewards = jax.make_array_from_callback(rewards_B.shape, sharding.replicated(self.mesh),
                                            lambda idx: rewards_B[idx])
-    adv, keep = adv_lib.advantages_and_keep(rewards, rl.advantage, n, rl.filter_zero_variance)
+    adv, keep = adv_lib.advantages_and_keep(rewards, up.advantage, n, up.filter_zero_variance)
     keep_B = np.asarray(keep.addressable_data(0))  # replicated: every process holds the whole vector
 
     lengths_B = _to_host(out.lengths_B)  # [B] ints: the only per-row data besides the rewards on the host
@@ -404,12 +301,12 @@ class Trainer:
     rollout's arrays and the advantages / keep flags (adv, keep: replicated [B]), then the old / reference
     log-probs on just those rows. behaviour_BxN: a stale rollout's old log-probs (full width); else they
     come from the current params."""
-    rl, n = self.rl, self.rl.num_generations
+    up, n = self.rl.update, self.rl.rollout.num_generations
     N = out.tokens_BxN.shape[1]
-    perms = _to_host(self._perms(self.state.rng)[1]) if rl.compact_groups else None  # the update's shuffle
+    perms = _to_host(self._perms(self.state.rng)[1]) if up.compact_groups else None  # the update's shuffle
     plan = plan_update(keep_B[::n], np.arange(N)[None, :] < lengths_B[:, None], perms, num_generations=n,
-                       num_minibatches=rl.num_minibatches, quantum=self.group_quantum, compact=rl.compact_groups,
-                       trim=rl.trim_completions)
+                       num_minibatches=up.num_minibatches, quantum=self.group_quantum, compact=up.compact_groups,
+                       trim=up.trim_completions)
     if jax.process_count() > 1:  # a pure function of global data: every process must have the same plan
       crc = lambda x: zlib.crc32(np.ascontiguousarray(x, np.int32).tobytes()) & 0x7FFFFFFF  # noqa: E731 (int32)
       mine = np.array([plan.width, plan.groups_per_minibatch, crc(plan.rows),
@@ -439,8 +336,8 @@ class Trainer:
       if old_logps is not None:
         metrics["logp_gap/sampler_vs_trainer"] = float(_logp_gap(old_logps, *gap_data))
         gap_data = None
-        if rl.tis_cap > 0:  # sampler != trainer numerics: reweight by the truncated ratio pi_old / pi_sampler
-          adv_BxN = put(_tis(adv_BxN, old_logps, sampler_logps, rl.tis_cap))
+        if up.tis_cap > 0:  # sampler != trainer numerics: reweight by the truncated ratio pi_old / pi_sampler
+          adv_BxN = put(_tis(adv_BxN, old_logps, sampler_logps, up.tis_cap))
       zeros = self._global(np.zeros(mask.shape, np.float32))  # from the host: an eager jnp.zeros compiles a program
       batch = RolloutBatch(tokens, kv_valid, mask, zeros if old_logps is None else old_logps,
                            zeros if ref_logps is None else ref_logps, adv_BxN,
@@ -505,10 +402,11 @@ class Trainer:
     if skipped_S.any():
       log.warning("iteration %d: %d of %d optimizer steps skipped (non-finite loss or gradient)",
                   self.iteration, int(skipped_S.sum()), len(skipped_S))
-    if self.nonfinite_skips["consecutive"] > self.rl.max_nonfinite_skips:
+    limit = self.rl.update.max_nonfinite_skips
+    if self.nonfinite_skips["consecutive"] > limit:
       raise NonFiniteTraining(
           f"{self.nonfinite_skips['consecutive']} optimizer steps in a row had a non-finite loss or gradient "
-          f"(RLConfig.max_nonfinite_skips={self.rl.max_nonfinite_skips}); stopping at iteration {self.iteration}. "
+          f"(UpdateConfig.max_nonfinite_skips={limit}); stopping at iteration {self.iteration}. "
           f"The newest checkpoint ({self.ckpt.latest()}) holds the last finite state; lower the learning "
           f"rate or check the rewards (metrics.jsonl: train/skipped_nonfinite).")
 
@@ -529,7 +427,8 @@ class Trainer:
     if self.pipeline is not None:
       if not self.pipeline.started:  # a save before the first iteration (a signal came early)
         self.pipeline.start()
-      pending = self.pipeline.pending(self.iteration, min(self.iteration + self.rl.max_staleness, self.rl.total_steps))
+      last = min(self.iteration + self.rl.rollout.max_staleness, self.rl.total_steps)
+      pending = self.pipeline.pending(self.iteration, last)
       state.update(pending_rollouts=[r.to_json() for r in pending], consumed_data=self._stream_state)
       if pending:
         state["data"] = pending[-1].stream_state
@@ -569,7 +468,7 @@ class Trainer:
       metrics = self.step()
       done += 1
       t_eval = time.perf_counter()
-      if self.iteration % rl.eval_every == 0 or self.iteration == rl.total_steps:
+      if self.iteration % rl.eval.eval_every == 0 or self.iteration == rl.total_steps:
         metrics.update(self.evaluate())
         last_eval = metrics["eval/pass_at_1"]
       now = time.perf_counter()
@@ -605,7 +504,7 @@ class Trainer:
       return summary
     if finished:
       summary["eval_end"] = last_eval if last_eval is not None else self.evaluate()["eval/pass_at_1"]
-      if rl.export_final:  # every process takes part (each tensor is gathered); process 0 writes
+      if rl.checkpoint.export_final:  # every process takes part (each tensor is gathered); process 0 writes
         export = os.path.join(rl.run_dir, "final_model")
         hf_io.save_model(export, self.model_cfg, self.state.params, self.tokenizer, to_host=_to_host,
                          write=self.main)

@@ -1,7 +1,7 @@
 """The update batch: which rollout rows and completion positions the update runs on.
 
-RLConfig.compact_groups drops the groups that carry no gradient (zero reward variance), keeping
-each minibatch's weighted groups exactly as the masked full batch would; RLConfig.trim_completions
+UpdateConfig.compact_groups drops the groups that carry no gradient (zero reward variance), keeping
+each minibatch's weighted groups exactly as the masked full batch would; UpdateConfig.trim_completions
 cuts the completion axis after the longest kept completion. Both pad to buckets, so few update
 programs are compiled. Pure host functions of global data: every process plans the same.
 """

@@ -60,7 +60,7 @@ def sample_batch(params, model_cfg, tokenizer, rl, task, marker_id: int, key):
   from cispo_jax.train_step import RolloutBatch
   from cispo_jax.trainer import batched_completion_logps
 
-  n = rl.num_generations
+  n = rl.rollout.num_generations
   train_src, _ = make_sources(task, seed=rl.seed)
   examples = data_lib.PromptStream(train_src, rl.prompts_per_step, seed=rl.seed).next_batch()
   sc = sampling_config(rl, tokenizer, n)
@@ -71,13 +71,14 @@ def sample_batch(params, model_cfg, tokenizer, rl, task, marker_id: int, key):
     rewards_B, _ = scorer(sampling.decode_completions(tokenizer, out), [e for e in examples for _ in range(n)])
   finally:
     scorer.close()
-  adv_B, keep_B = map(np.asarray, adv_lib.advantages_and_keep(rewards_B, rl.advantage, n, rl.filter_zero_variance))
+  adv_B, keep_B = map(np.asarray, adv_lib.advantages_and_keep(rewards_B, rl.update.advantage, n,
+                                                              rl.update.filter_zero_variance))
   N = out.tokens_BxN.shape[1]
   tokens = jnp.asarray(np.concatenate([out.prompt_tokens_BxP, out.tokens_BxN], 1), jnp.int32)
   kv_valid = jnp.asarray(np.concatenate([out.prompt_mask_BxP, out.mask_BxN], 1), bool)
   loss_mask = np.asarray(out.mask_BxN, np.float32) * keep_B[:, None]
   old = batched_completion_logps(params, tokens, kv_valid, model_cfg=model_cfg, n_completion=N,
-                                 temperature=rl.temperature, micro_batches=1)
+                                 temperature=rl.rollout.temperature, micro_batches=1)
   batch = RolloutBatch(tokens, kv_valid, jnp.asarray(loss_mask), old, old,
                        jnp.asarray(np.broadcast_to(adv_B[:, None], loss_mask.shape)),
                        jnp.asarray(np.arange(len(adv_B)) // n, jnp.int32))
@@ -89,9 +90,10 @@ def sample_batch(params, model_cfg, tokenizer, rl, task, marker_id: int, key):
 
 def sampling_config(rl, tokenizer, n: int):
   from cispo_jax import sampling
+  ro = rl.rollout
   return sampling.SamplingConfig(
-      max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, stop_token_ids=(tokenizer.eos_token_id,),
-      num_samples=n, pad_token_id=tokenizer.pad_token_id or 0, prompt_buckets=tuple(rl.prompt_buckets))
+      max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, stop_token_ids=(tokenizer.eos_token_id,),
+      num_samples=n, pad_token_id=tokenizer.pad_token_id or 0, prompt_buckets=tuple(ro.prompt_buckets))
 
 
 def fork_probability_fn(model_cfg, tokenizer, rl, held, marker_id: int):
@@ -105,7 +107,7 @@ def fork_probability_fn(model_cfg, tokenizer, rl, held, marker_id: int):
 
   @jax.jit
   def p_fork(params):
-    logps, _ = completion_logps(params, model_cfg, tokens, kv_valid, 1, rl.temperature)
+    logps, _ = completion_logps(params, model_cfg, tokens, kv_valid, 1, rl.rollout.temperature)
     return jnp.exp(logps[:, 0]).mean()
   return p_fork
 
@@ -118,14 +120,14 @@ def probe_loss(params, batch, fork_BxN, loss_cfg, *, model_cfg, rl, optim, updat
 
   tx, schedule = make_optimizer(dataclasses.replace(optim, warmup_steps=0), updates)
   state = TrainState.create(params, tx, rl.seed)
-  cfg = StepConfig(model=model_cfg, loss=loss_cfg, temperature=rl.temperature, micro_batches=1,
-                   num_generations=rl.num_generations, use_ref=loss_cfg.kl_coef > 0)
+  cfg = StepConfig(model=model_cfg, loss=loss_cfg, temperature=rl.rollout.temperature, micro_batches=1,
+                   num_generations=rl.rollout.num_generations, use_ref=loss_cfg.kl_coef > 0)
   step = jax.jit(functools.partial(train_step, cfg=cfg, tx=tx, schedule=schedule))
   N = batch.mask_BxN.shape[1]
 
   @jax.jit
   def account(params):
-    logps = completion_logps(params, model_cfg, batch.tokens_BxL, batch.kv_valid_BxL, N, rl.temperature)[0]
+    logps = completion_logps(params, model_cfg, batch.tokens_BxL, batch.kv_valid_BxL, N, rl.rollout.temperature)[0]
     args = (logps, batch.old_logps_BxN, batch.adv_BxN, batch.mask_BxN, loss_cfg, batch.group_ids_B)
     return diagnostics.token_gradient_weights(*args), diagnostics.accounting_metrics(*args)
 
@@ -217,7 +219,7 @@ def main(argv=None):
   params = hf_io.load_params(model_dir, model_cfg)
   marker_id = tokenizer.encode(marker[0], add_special_tokens=False)[0]
   _, held = make_sources(task, seed=rl.seed)
-  p_fork = fork_probability_fn(model_cfg, tokenizer, rl, held[:rl.eval_size], marker_id)
+  p_fork = fork_probability_fn(model_cfg, tokenizer, rl, held[:rl.eval.eval_size], marker_id)
   batch, fork_BxN, rewards, marker_first = sample_batch(params, model_cfg, tokenizer, rl, task, marker_id,
                                           jax.random.PRNGKey(rl.seed))
   results = {}

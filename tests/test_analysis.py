@@ -110,7 +110,7 @@ def _fake_run(root, name, curve, tokens_per_iter=100.0, eval_every=2, passes=2, 
   with open(os.path.join(d, "metrics.jsonl"), "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
   with open(os.path.join(d, "operative_config.gin"), "w") as f:
-    f.write(f"RLConfig.num_iterations = {passes}\nRLConfig.num_minibatches = 1\n")
+    f.write(f"UpdateConfig.num_iterations = {passes}\nUpdateConfig.num_minibatches = 1\n")
   if finished:
     with open(os.path.join(d, "summary.json"), "w") as f:
       json.dump({"eval_start": curve[0], "eval_end": curve[-1], "seconds": 120.0}, f)
@@ -127,6 +127,15 @@ def test_read_run_compute_axes(tmp_path):
   assert (run.final, run.best) == (0.45, 0.5)
   assert run.diag_removed == pytest.approx(0.01 * np.mean(np.arange(1, 7)))
   assert run.diag_zeroed_pos_high == pytest.approx(0.03)
+
+
+def test_read_run_of_a_run_recorded_before_rl_config_had_sections(tmp_path):
+  d = _fake_run(tmp_path, "cispo-s0", [0.2, 0.3], passes=4)
+  with open(os.path.join(d, "operative_config.gin"), "w") as f:  # the keys as they were written then
+    f.write("RLConfig.num_iterations = 4\nRLConfig.num_minibatches = 2\n")
+  run = analysis.read_run(d)
+  assert run.updates_per_rollout == 8
+  np.testing.assert_array_equal(run.compute["update_tokens"], [0, 800])
 
 
 def test_read_run_errors_name_the_directory(tmp_path):

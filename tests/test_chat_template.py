@@ -119,6 +119,6 @@ def test_config_errors():
     chat.render_source([Example("q", "1")], chat.PromptFormat("chat"), build_char_tokenizer(), "s")
   task = TaskConfig(task="arithmetic", prompt_format="chat", train_size=4, eval_size=2)
   cfg = types.SimpleNamespace(max_position_embeddings=64, vocab_size=200)
-  with pytest.raises(ValueError, match="RLConfig.apply_chat_template=True wraps each prompt"):
+  with pytest.raises(ValueError, match="RolloutConfig.apply_chat_template=True wraps each prompt"):
     task.check_sources([Example("1+1=", "2")], [Example("2+2=", "4")], chatml_tokenizer(), cfg, max_new_tokens=4,
                        prompt_buckets=(32,), apply_chat_template=True, process_count=1)

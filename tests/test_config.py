@@ -4,14 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from cispo_jax import config
+from cispo_jax import config, operative_config
+from cispo_jax.rl_config import RENAMED, SECTIONS, RLConfig, RolloutConfig, UpdateConfig
 
 
 def test_seed_flags_reach_the_loss_config():
   built = config.parse_args(["--loss_type", "cispo", "--epsilon_high", "5.0", "--num_generations", "4",
                              "--learning_rate", "3e-4", "--num_iterations", "3"])
   assert built["LossConfig"].loss_type == "cispo" and built["LossConfig"].epsilon_high == 5.0
-  assert built["RLConfig"].num_generations == 4 and built["RLConfig"].num_iterations == 3
+  assert built["RLConfig"].rollout.num_generations == 4 and built["RLConfig"].update.num_iterations == 3
   assert built["OptimConfig"].learning_rate == 3e-4
   assert "LossConfig.epsilon_high = 5.0" in built["operative"]
 
@@ -46,7 +47,7 @@ def test_bad_values_fail_before_compilation():
     config.parse_args(["--loss_type", "cispo", "--epsilon_high", "0.2"])
   with pytest.raises(ValueError, match="loss_type"):
     config.parse_args(["--loss_type", "ppo2"])
-  with pytest.raises(ValueError, match="RLConfig.num_generations"):
+  with pytest.raises(ValueError, match="RolloutConfig.num_generations"):
     config.parse_args(["--num_generations", "0"])
   with pytest.raises(SystemExit):  # argparse: an unknown flag
     config.parse_args(["--epsilon_hi", "5"])
@@ -68,3 +69,74 @@ def test_default_experiment_is_cispo_with_the_seed_cap():
   built = config.parse()
   assert built["LossConfig"].loss_type == "cispo" and built["LossConfig"].epsilon_high == 5.0
   assert built["LossConfig"].cispo_mode == "absolute"
+
+
+def test_rl_config_is_built_from_its_sections(tmp_path):
+  gin_file = tmp_path / "exp.gin"
+  gin_file.write_text("RLConfig.total_steps = 7\nRolloutConfig.temperature = 0.7\nUpdateConfig.tis_cap = 2.0\n"
+                      "EvalConfig.eval_size = 32\nCheckpointConfig.keep_checkpoints = 3\nModelRunConfig.remat = True\n")
+  built = config.parse([str(gin_file)], ["UpdateConfig.num_minibatches = 4"], {"max_new_tokens": "12"})
+  rl = built["RLConfig"]
+  for field, cls in SECTIONS.items():
+    assert getattr(rl, field) is built[cls.__name__]
+  assert (rl.total_steps, rl.rollout.temperature, rl.rollout.max_new_tokens) == (7, 0.7, 12)
+  assert (rl.update.tis_cap, rl.update.num_minibatches, rl.eval.eval_size) == (2.0, 4, 32)
+  assert rl.checkpoint.keep_checkpoints == 3 and rl.model_run.remat is True
+  flat = RLConfig().replace(temperature=0.7, tis_cap=2.0, total_steps=3)  # flat names go to their section
+  assert flat == RLConfig(total_steps=3, rollout=RolloutConfig(temperature=0.7), update=UpdateConfig(tis_cap=2.0))
+
+
+def test_operative_config_names_each_field_once_under_its_section_and_parses_back(tmp_path):
+  built = config.parse()
+  keys = list(operative_config.bindings(built["operative"]))
+  assert len(keys) == len(set(keys))
+  assert "RolloutConfig.temperature" in keys and "ModelRunConfig.logprob_chunk" in keys
+  assert not set(keys) & set(RENAMED) and not {f"RLConfig.{s}" for s in SECTIONS} & set(keys)
+  again = tmp_path / "operative.gin"
+  again.write_text(built["operative"])
+  rebuilt = config.parse([str(again)])
+  assert all(rebuilt[name] == built[name] for name in config.CONFIG_CLASSES)
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_every_old_rl_config_key_is_refused_with_its_new_name(old):
+  with pytest.raises(ValueError, match=rf"--gin_param '{old} = 1': {old} is now {RENAMED[old]}$"):
+    config.parse_args(["--gin_param", f"{old} = 1"])
+
+
+def test_old_rl_config_keys_in_gin_files_name_file_and_line(tmp_path):
+  base = tmp_path / "base.gin"
+  base.write_text("include 'default.gin'\n\nRLConfig.temperature = 0.7\n")
+  exp = tmp_path / "exp.gin"
+  exp.write_text(f"include '{base}'\nRLConfig.seed = 1\nscoped/RLConfig.num_minibatches = 2\nRLConfig.rollout = 3\n")
+  with pytest.raises(ValueError) as info:
+    config.parse_args(["--gin_file", str(exp), "--gin_param", "RLConfig.export_final = False"])
+  message = str(info.value)
+  for needle in (f"{base}:3 (RLConfig.temperature = 0.7): RLConfig.temperature is now RolloutConfig.temperature",
+                 f"{exp}:3 (scoped/RLConfig.num_minibatches = 2): RLConfig.num_minibatches is now "
+                 "UpdateConfig.num_minibatches",
+                 f"{exp}:4 (RLConfig.rollout = 3): RLConfig.rollout is built from the RolloutConfig bindings",
+                 "--gin_param 'RLConfig.export_final = False': RLConfig.export_final is now "
+                 "CheckpointConfig.export_final"):
+    assert needle in message
+  assert "RLConfig.seed" not in message  # still RLConfig's
+
+
+def test_a_run_dir_recorded_before_the_split_resumes_and_reads_under_the_new_keys(tmp_path):
+  """operative_config.gin of a run started before RLConfig had sections: same settings, no config change."""
+  built = config.parse()
+  old_key = {new: old for old, new in RENAMED.items()}
+  old_text = "".join(f"{old_key.get(key, key)} = {value}\n" for key, _, value in
+                     (line.partition(" = ") for line in built["operative"].splitlines()))
+  assert "RLConfig.temperature = 1.0" in old_text and "RolloutConfig." not in old_text
+  assert operative_config.bindings(old_text) == operative_config.bindings(built["operative"])
+  (tmp_path / "operative_config.gin").write_text(old_text)
+  operative_config.record_operative_config(str(tmp_path), built["operative"], resuming=True, allow_change=False,
+                                           iteration=3)
+  assert (tmp_path / "operative_config.gin").read_text() == built["operative"]
+  assert not (tmp_path / "config_changes.jsonl").exists()
+  # A real change is still caught, under the new key.
+  changed = built["operative"].replace("RolloutConfig.temperature = 1.0", "RolloutConfig.temperature = 0.5")
+  (tmp_path / "operative_config.gin").write_text(old_text)
+  with pytest.raises(ValueError, match=r"RolloutConfig.temperature: 1.0 -> 0.5"):
+    operative_config.record_operative_config(str(tmp_path), changed, resuming=True, allow_change=False, iteration=3)

@@ -181,7 +181,8 @@ def test_in_training_eval_sets_pass_at_k_outputs_and_profile(tmp_path):
   from cispo_jax.optim import OptimConfig
   from cispo_jax.sharding import MeshConfig
   from cispo_jax.task import TaskConfig
-  from cispo_jax.trainer import RLConfig, Trainer
+  from cispo_jax.rl_config import CheckpointConfig, EvalConfig, RLConfig, RolloutConfig, UpdateConfig
+  from cispo_jax.trainer import Trainer
 
   model = make_tiny_model_dir(str(tmp_path / "m"), "qwen2", tokenizer=build_char_tokenizer(data.ALPHABET),
                               hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, seed=0)
@@ -190,8 +191,9 @@ def test_in_training_eval_sets_pass_at_k_outputs_and_profile(tmp_path):
   task = TaskConfig(task="arithmetic", task_args={"max_operand": 9}, train_size=32, eval_size=4,
                     eval_sets={"extra": extra}, eval_samples=2, eval_k=(1, 2))
   rl = RLConfig(run_dir=str(tmp_path / "run"), model_dir=model, total_steps=2, prompts_per_step=2,
-                num_generations=2, num_iterations=1, num_minibatches=1, max_new_tokens=3, eval_every=2,
-                eval_size=4, save_every=2, export_final=False, profile_iterations=(2, 2))
+                profile_iterations=(2, 2), rollout=RolloutConfig(num_generations=2, max_new_tokens=3),
+                update=UpdateConfig(num_iterations=1, num_minibatches=1), eval=EvalConfig(eval_every=2, eval_size=4),
+                checkpoint=CheckpointConfig(save_every=2, export_final=False))
   trainer = Trainer(rl, losses.LossConfig(), OptimConfig(), MeshConfig(data=1, fsdp=1, tensor=1), task,
                     devices=jax.devices()[:1])
   try:

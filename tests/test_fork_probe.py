@@ -42,9 +42,9 @@ TaskConfig.eval_size = 16
 # a length bonus (tests/user_reward_fns.py): the longer worked solutions get A > 0 in a tiny model
 TaskConfig.rewards = (('final_numeric', 1.0), ('user_reward_fns:length_bonus', 0.1))
 RLConfig.prompts_per_step = 16
-RLConfig.num_generations = 4
-RLConfig.max_new_tokens = 12
-RLConfig.eval_size = 16
+RolloutConfig.num_generations = 4
+RolloutConfig.max_new_tokens = 12
+EvalConfig.eval_size = 16
 """)
   out = tmp_path / "out"
   fork_probe.main(["--gin_file", "cispo.gin", "--gin_file", str(tiny), "--losses", "cispo", "grpo",

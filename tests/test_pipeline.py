@@ -17,7 +17,8 @@ from cispo_jax.optim import OptimConfig
 from cispo_jax.rollout import Rollout
 from cispo_jax.sharding import MeshConfig
 from cispo_jax.task import TaskConfig
-from cispo_jax.trainer import RLConfig, Trainer
+from cispo_jax.rl_config import RLConfig, RolloutConfig
+from cispo_jax.trainer import Trainer
 
 # A length bonus beside the answer check gives every group reward variance (tests/user_reward_fns.py).
 TASK = TaskConfig(task="arithmetic", task_args={"max_operand": 9}, train_size=64, eval_size=8,
@@ -36,7 +37,7 @@ def _rl(model_dir, run_dir, **kw):
               num_iterations=1, num_minibatches=1, max_new_tokens=4, eval_every=2, eval_size=8, save_every=2,
               export_final=False)
   base.update(kw)
-  return RLConfig(**base)
+  return RLConfig().replace(**base)  # flat names: each goes to its section
 
 
 def _trainer(rl, devices=1, mesh=MeshConfig(data=1, fsdp=1, tensor=1), **kw):
@@ -134,10 +135,10 @@ def test_stale_rollouts_and_exact_resume(model_dir, tmp_path):
 
 
 def test_pipeline_config_errors_name_the_field(model_dir, tmp_path):
-  with pytest.raises(ValueError, match="max_staleness"):
-    RLConfig(max_staleness=-1)
-  with pytest.raises(ValueError, match="behaviour_logps"):
-    RLConfig(behaviour_logps="trainer")
+  with pytest.raises(ValueError, match="RolloutConfig.max_staleness=-1"):
+    RolloutConfig(max_staleness=-1)
+  with pytest.raises(ValueError, match="RolloutConfig.behaviour_logps='trainer'"):
+    RolloutConfig(behaviour_logps="trainer")
   with pytest.raises(ValueError, match="rollout_devices=8 leaves no device"):
     _trainer(_rl(model_dir, tmp_path, rollout_devices=8), devices=8)
 
@@ -168,9 +169,9 @@ def test_disaggregated_4_plus_4_run_learns_the_default_task(tmp_path):
 
   configs = config.parse_args(["--gin_param", f"BootstrapConfig.cache_dir='{tmp_path / 'bootstrap'}'"])
   model_dir = bootstrap_model(configs["TaskConfig"], configs["BootstrapConfig"])
-  rl = dataclasses.replace(configs["RLConfig"], model_dir=model_dir, run_dir=str(tmp_path / "run"), total_steps=10, prompts_per_step=32,
-                           eval_every=10, eval_size=128, save_every=10, export_final=False, rollout_devices=4,
-                           max_staleness=2)
+  rl = configs["RLConfig"].replace(model_dir=model_dir, run_dir=str(tmp_path / "run"), total_steps=10,
+                                   prompts_per_step=32, eval_every=10, eval_size=128, save_every=10, export_final=False,
+                                   rollout_devices=4, max_staleness=2)
   trainer = Trainer(rl, configs["LossConfig"], configs["OptimConfig"], configs["MeshConfig"], configs["TaskConfig"],
                     devices=jax.devices()[:8])
   assert trainer.mesh.devices.size == 4 and trainer.engine.mesh.devices.size == 4

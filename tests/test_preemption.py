@@ -53,8 +53,8 @@ def _cmd(model_dir: str, run_dir: Path, *extra: str) -> list[str]:
   return [sys.executable, "-m", "cispo_jax.train", "--model_dir", model_dir, "--run_dir", str(run_dir),
           "--total_steps", str(STEPS), "--prompts_per_step", "4", "--num_generations", "4",
           "--max_new_tokens", "4", "--learning_rate", "0.01",
-          "--gin_param", "RLConfig.save_every=2", "--gin_param", "RLConfig.eval_every=4",
-          "--gin_param", "RLConfig.eval_size=8", "--gin_param", "RLConfig.num_minibatches=1",
+          "--gin_param", "CheckpointConfig.save_every=2", "--gin_param", "EvalConfig.eval_every=4",
+          "--gin_param", "EvalConfig.eval_size=8", "--gin_param", "UpdateConfig.num_minibatches=1",
           "--gin_param", "TaskConfig.task_args={'max_operand': 9}", "--gin_param", "TaskConfig.train_size=64",
           "--gin_param", "TaskConfig.eval_size=8",
           # a length bonus beside the answer check: every group has reward variance, so every step updates

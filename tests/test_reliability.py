@@ -16,7 +16,8 @@ from cispo_jax.model.tiny import build_char_tokenizer, make_tiny_model_dir
 from cispo_jax.optim import OptimConfig
 from cispo_jax.sharding import MeshConfig
 from cispo_jax.task import TaskConfig
-from cispo_jax.trainer import NonFiniteTraining, RLConfig, Trainer
+from cispo_jax.rl_config import RLConfig
+from cispo_jax.trainer import NonFiniteTraining, Trainer
 
 TASK = TaskConfig(task="arithmetic", task_args={"max_operand": 9}, train_size=64, eval_size=8,
                   rewards=(("final_numeric", 1.0), ("user_reward_fns:length_bonus", 0.1)))
@@ -30,9 +31,9 @@ def model_dir(tmp_path_factory):
 
 
 def _trainer(model_dir, run_dir, task=TASK, lr=1e-2, **kw):
-  rl = RLConfig(**{**dict(run_dir=str(run_dir), model_dir=model_dir, total_steps=3, prompts_per_step=4,
-                          num_generations=4, num_iterations=2, num_minibatches=2, max_new_tokens=4, eval_every=10,
-                          eval_size=8, save_every=1, export_final=False), **kw})
+  rl = RLConfig().replace(**{**dict(run_dir=str(run_dir), model_dir=model_dir, total_steps=3, prompts_per_step=4,
+                                    num_generations=4, num_iterations=2, num_minibatches=2, max_new_tokens=4,
+                                    eval_every=10, eval_size=8, save_every=1, export_final=False), **kw})
   return Trainer(rl, losses.LossConfig(), OptimConfig(learning_rate=lr), MeshConfig(data=1, fsdp=1, tensor=1), task,
                  devices=jax.devices()[:1])
 

@@ -9,7 +9,8 @@ from cispo_jax.model.tiny import build_char_tokenizer, make_tiny_model_dir
 from cispo_jax.optim import OptimConfig
 from cispo_jax.sharding import MeshConfig
 from cispo_jax.task import TaskConfig
-from cispo_jax.trainer import RLConfig, Trainer
+from cispo_jax.rl_config import RLConfig
+from cispo_jax.trainer import Trainer
 
 # A fine-tuning step size: Adam normalises each update, so at 1e-2 the f32 rounding of tiny gradients
 # (which differs with the reduction order of each layout) moves parameters by ~1e-5 relative.
@@ -24,7 +25,7 @@ def rl_config(model_dir, run_dir, **kw):
               num_iterations=2, num_minibatches=2, max_new_tokens=4, eval_every=1, eval_size=8, save_every=1,
               export_final=False, filter_zero_variance=False)
   base.update(kw)
-  return RLConfig(**base)
+  return RLConfig().replace(**base)  # flat names: each goes to its section
 
 
 def make_trainer(model_dir, run_dir, mesh_cfg, n_devices, **kw):

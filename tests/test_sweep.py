@@ -32,12 +32,12 @@ TaskConfig.eval_size = 8
 TaskConfig.rewards = (('final_numeric', 1.0), ('user_reward_fns:length_bonus', 0.1))
 RLConfig.total_steps = 2
 RLConfig.prompts_per_step = 8  # the tests see 8 CPU devices: batches split 8 ways
-RLConfig.num_generations = 2
-RLConfig.max_new_tokens = 6
-RLConfig.eval_every = 1
-RLConfig.eval_size = 8
-RLConfig.save_every = 1
-RLConfig.export_final = False
+RolloutConfig.num_generations = 2
+RolloutConfig.max_new_tokens = 6
+EvalConfig.eval_every = 1
+EvalConfig.eval_size = 8
+CheckpointConfig.save_every = 1
+CheckpointConfig.export_final = False
 """)
   return str(path)
 

@@ -15,7 +15,8 @@ from cispo_jax.model.tiny import build_char_tokenizer, make_tiny_model_dir
 from cispo_jax.optim import OptimConfig
 from cispo_jax.sharding import MeshConfig
 from cispo_jax.task import TaskConfig
-from cispo_jax.trainer import RLConfig, Trainer
+from cispo_jax.rl_config import RLConfig, UpdateConfig
+from cispo_jax.trainer import Trainer
 
 ONE_DEVICE = MeshConfig(data=1, fsdp=1, tensor=1)
 TASK = TaskConfig(task="arithmetic", task_args={"max_operand": 9}, train_size=64, eval_size=8)
@@ -36,7 +37,7 @@ def _rl(model_dir, run_dir, **kw):
               num_generations=4, num_iterations=2, num_minibatches=2, max_new_tokens=4, eval_every=1,
               eval_size=8, save_every=1, export_final=False)
   base.update(kw)
-  return RLConfig(**base)
+  return RLConfig().replace(**base)  # flat names: each goes to its section
 
 
 def _trainer(rl, loss=None, optim=None, task=TASK):
@@ -117,12 +118,19 @@ def test_zero_variance_groups_are_masked_not_dropped(model_dir, tmp_path):
 
 
 def test_rl_config_validation():
-  with pytest.raises(ValueError, match="prompts_per_step"):
-    RLConfig(prompts_per_step=6, num_minibatches=4)
-  with pytest.raises(ValueError, match="RLConfig.advantage"):
-    RLConfig(advantage="nope")
-  with pytest.raises(ValueError, match="RLConfig.num_generations"):
-    dataclasses.replace(RLConfig(), num_generations=0)
+  with pytest.raises(ValueError, match=r"RLConfig.prompts_per_step=6 must be divisible by UpdateConfig.num_minibatches"
+                                       r" \* UpdateConfig.micro_batches=4 \* 1"):
+    RLConfig(prompts_per_step=6, update=UpdateConfig(num_minibatches=4))
+  with pytest.raises(ValueError, match="UpdateConfig.advantage"):
+    UpdateConfig(advantage="nope")
+  with pytest.raises(ValueError, match="RolloutConfig.num_generations"):
+    RLConfig().replace(num_generations=0)
+  with pytest.raises(TypeError, match="'temprature' is a field of neither RLConfig nor RolloutConfig"):
+    RLConfig().replace(temprature=0.5)
+  with pytest.raises(TypeError):  # the constructor takes the sections, not their fields
+    RLConfig(temperature=0.5)
+  with pytest.raises(TypeError, match="RLConfig.rollout must be a RolloutConfig"):
+    RLConfig(rollout={"temperature": 0.5})
 
 
 def test_bootstrap_builds_a_loadable_model_once(tmp_path):

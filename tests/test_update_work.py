@@ -1,9 +1,9 @@
 """The update does no work without gradient and still gives the same results.
 
-* compaction (RLConfig.compact_groups): zero-weight groups leave the update batch, each minibatch
+* compaction (UpdateConfig.compact_groups): zero-weight groups leave the update batch, each minibatch
   keeping exactly the weighted groups the masked full batch gives it, padded to a bucket;
-* trimming (RLConfig.trim_completions): the completion axis is cut after the longest kept completion;
-* old log-probs from the update's first forward (RLConfig.old_logps_in_update).
+* trimming (UpdateConfig.trim_completions): the completion axis is cut after the longest kept completion;
+* old log-probs from the update's first forward (UpdateConfig.old_logps_in_update).
 """
 
 import functools
@@ -20,7 +20,8 @@ from cispo_jax.optim import OptimConfig
 from cispo_jax.sharding import MeshConfig
 from cispo_jax.task import TaskConfig
 from cispo_jax.train_step import RolloutBatch, StepConfig, TrainState, epoch_permutations, update_on_rollout
-from cispo_jax.trainer import RLConfig, Trainer, batched_completion_logps
+from cispo_jax.rl_config import RLConfig
+from cispo_jax.trainer import Trainer, batched_completion_logps
 from cispo_jax.update_plan import TRIM_QUANTUM, _ladder, bucket, group_quantum, plan_update
 
 V, P, N = 32, 3, 32  # vocab, prompt width, completion width (max_new_tokens)
@@ -237,9 +238,9 @@ def _scorer(texts, examples):
 
 
 def _trainer(model_dir, run_dir, **kw):
-  rl = RLConfig(run_dir=str(run_dir), model_dir=model_dir, total_steps=3, prompts_per_step=16, num_generations=2,
-                num_iterations=2, num_minibatches=1, micro_batches=2, max_new_tokens=8, eval_size=8,
-                export_final=False, **kw)
+  rl = RLConfig().replace(run_dir=str(run_dir), model_dir=model_dir, total_steps=3, prompts_per_step=16,
+                          num_generations=2, num_iterations=2, num_minibatches=1, micro_batches=2, max_new_tokens=8,
+                          eval_size=8, export_final=False, **kw)
   trainer = Trainer(rl, losses.LossConfig(kl_coef=0.05), OptimConfig(learning_rate=1e-3), MESH, TASK,
                     devices=jax.devices()[:4])
   trainer.scorer = _Scorer(trainer.scorer)

@@ -34,7 +34,7 @@ from cispo_jax.model.config import ModelConfig
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 # A config.json without `architectures` is read by its model_type, as transformers' Auto classes do.
 MODEL_TYPES = {family: arch for arch, family in ARCHITECTURES.items()}
-# How to run a checkpoint (ModelConfig fields that config.json does not hold; RLConfig sets them).
+# How to run a checkpoint (ModelConfig fields that config.json does not hold; rl_config.ModelRunConfig sets them).
 RUN_OVERRIDES = ("dtype", "param_dtype", "lm_head_f32", "remat", "remat_policy", "scan_unroll",
                  "attention_impl", "attention_block", "logprob_chunk")
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
