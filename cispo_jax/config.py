@@ -19,6 +19,7 @@ import argparse
 import collections.abc
 import dataclasses
 import inspect
+import logging
 import numbers
 import os
 import types
@@ -70,6 +71,21 @@ def _makers():
   if not _GIN_MAKERS:
     _GIN_MAKERS.update({name: _register(cls) for name, cls in CONFIG_CLASSES.items()})
   return _GIN_MAKERS
+
+
+def _drop_gin_path_probe(record: logging.LogRecord) -> bool:
+  return not (record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+              and record.getMessage().startswith(("Path not found", "system_path_file_exists")))
+
+
+def _quiet_gin_path_probes() -> None:
+  """gin looks for `include 'default.gin'` relative to the working directory before its search paths
+  (configs/), logging each probe ("INFO root: system_path_file_exists") and each miss as "ERROR root: Path
+  not found". Those are probes, not errors: an include found nowhere still fails, naming the file. Drop
+  just those records (gin logs them on the root logger)."""
+  root = logging.getLogger()
+  if _drop_gin_path_probe not in root.filters:
+    root.addFilter(_drop_gin_path_probe)
 
 
 def _gin_literal(value: str, target: str | None = None) -> str:
@@ -330,6 +346,7 @@ def parse(gin_files: Sequence[str] | None = None, gin_params: Sequence[str] = ()
   makers = _makers()
   gin.clear_config()
   gin.add_config_file_search_path(CONFIG_DIR)
+  _quiet_gin_path_probes()
   if gin_files is None:
     gin_files = [DEFAULT_GIN]
   bindings = list(gin_params)

@@ -1,5 +1,6 @@
 """gin files, --gin_param bindings and the seed's shorthand flags reach the configs; bad keys fail early."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,16 @@ def test_a_run_dir_recorded_before_the_split_resumes_and_reads_under_the_new_key
   (tmp_path / "operative_config.gin").write_text(old_text)
   with pytest.raises(ValueError, match=r"RolloutConfig.temperature: 1.0 -> 0.5"):
     operative_config.record_operative_config(str(tmp_path), changed, resuming=True, allow_change=False, iteration=3)
+
+
+def test_gin_include_probes_are_not_logged_as_errors(tmp_path, caplog):
+  """An include found on the search path (configs/) after gin probed the working directory logs no
+  'ERROR Path not found'; an include found nowhere still fails, naming the file."""
+  exp = tmp_path / "exp.gin"
+  exp.write_text("include 'default.gin'\nRLConfig.seed = 3\n")
+  with caplog.at_level(logging.INFO):
+    assert config.parse_args(["--gin_file", str(exp)])["RLConfig"].seed == 3
+  assert not [r for r in caplog.records if "Path not found" in r.getMessage()]
+  exp.write_text("include 'no_such_file.gin'\n")
+  with pytest.raises(OSError, match="no_such_file.gin"):
+    config.parse_args(["--gin_file", str(exp)])
