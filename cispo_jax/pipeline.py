@@ -6,7 +6,9 @@ Schedule. With s = RolloutConfig.max_staleness, the rollout of iteration i is sa
 
 and trained on at version i, so every update sees rollouts exactly s versions old once the run is
 s iterations in (ScaleRL's PipelineRL bounds staleness by 8; verl's one-step-off-policy mode is
-s = 1). The schedule is fixed rather than "whatever weights are newest": a run is then a pure
+s = 1). With weights synced every k updates (RolloutConfig.weight_sync_every) only the versions
+that are multiples of k reach the engine, and v(i) = max(base, k * floor((i - s) / k)): staleness
+s .. s + k - 1. The schedule is fixed rather than "whatever weights are newest": a run is then a pure
 function of its config, s = 0 is the synchronous loop bit for bit, and a resumed run continues
 exactly. The price: while sampling is the bottleneck the engine holds up to s + 1 versions of
 the weights (the one it samples with and the newer ones the trainer has published).
@@ -17,9 +19,10 @@ thread takes them in order, updates, and publishes each new version to the engin
 next update donates the buffers). With a rollout sub-mesh (RolloutConfig.rollout_devices) the two run
 on disjoint devices at the same time; colocated, they share the devices.
 
-Resume. A checkpoint after iteration j holds the rollouts j .. j+s-1 (sampled by versions older than
-j, which the checkpoint does not keep) and the prompt stream's position after them; rollout j+s
-and later are sampled again from the restored params, identically.
+Resume. A checkpoint after iteration j holds the rollouts j, j+1, ... that versions older than j
+sampled (j .. j+s-1 with k = 1; the checkpoint does not keep those versions) and the prompt
+stream's position after them; the later rollouts are sampled again from the restored params (or
+the versions trained from them), identically.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ class Pipeline:
   """Makes `make_rollout(i, version, rng_data)` for i = first .. total-1 on a background thread."""
 
   def __init__(self, make_rollout: Callable[[int, int, np.ndarray], Rollout], engine: RolloutEngine, *,
-               staleness: int, first: int, total: int, base_version: int, pending: list[Rollout] = ()):
-    self._make, self.engine, self.s = make_rollout, engine, staleness
+               staleness: int, first: int, total: int, base_version: int, pending: list[Rollout] = (),
+               sync_every: int = 1):
+    self._make, self.engine, self.s, self.k = make_rollout, engine, staleness, sync_every
     self.first, self.total, self.base = first, total, base_version
     self._ready = {r.iteration: r for r in pending}
     self._rngs: dict[int, np.ndarray] = {}
@@ -52,12 +56,17 @@ class Pipeline:
     self._thread = threading.Thread(target=self._run, name="cispo_jax-rollouts", daemon=True)
 
   def version_for(self, i: int) -> int:
-    return max(self.base, i - self.s)
+    return max(self.base, (i - self.s) // self.k * self.k)
 
   def needs(self, version: int) -> bool:
     """Whether a rollout still to be made is sampled by `version`."""
-    later = range(max(self.first, version), min(self.total, version + self.s + 1))
+    later = range(max(self.first, version), min(self.total, version + self.s + self.k))
     return any(self.version_for(i) == version for i in later)
+
+  def first_sampled_by(self, version: int) -> int:
+    """The first rollout from iteration `version` on that `version` or a newer one samples (the schedule
+    never goes back): rollouts `version` .. this - 1 come from older versions. At most `total`."""
+    return next((i for i in range(version, self.total) if self.version_for(i) >= version), self.total)
 
   def publish(self, params, rng_data: np.ndarray, version: int) -> None:
     """Hand the engine the trainer's params after `version` iterations, if a rollout to come needs them.

@@ -46,24 +46,38 @@ class RolloutConfig:
   # max(0, i - max_staleness) while the updates in between run; 0 = the synchronous loop (sample, then update).
   max_staleness: int = 0
   # > 0: the first rollout_devices devices sample (a rollout sub-mesh, FSDP over them) and the rest train
-  # (the run's MeshConfig applies to those); weights are copied over after each update. 0 = colocated.
+  # (the run's MeshConfig applies to those); weights are copied over after each update (or each
+  # weight_sync_every-th). 0 = colocated.
   rollout_devices: int = 0
   # The old log-probs of a stale rollout (the behaviour policy's): "recompute" = a training forward at the
   # version that sampled it, on the rollout devices; "sampler" = the sampler's own log-probs.
   behaviour_logps: str = "recompute"
+  # Pipelined: the rollout engine gets the trainer's weights after every k-th update only (k = 1: after each).
+  # Rollout i is then sampled by version max(0, k * floor((i - max_staleness) / k)): staleness s .. s + k - 1,
+  # and 1/k of the weight transfers (a cross-mesh or cross-host copy of the whole model each).
+  weight_sync_every: int = 1
 
   def __post_init__(self):
-    _at_least(self, ("num_generations", "max_new_tokens"), 1)
+    _at_least(self, ("num_generations", "max_new_tokens", "weight_sync_every"), 1)
     if not self.temperature > 0:
       raise ValueError(f"RolloutConfig.temperature={self.temperature}; must be > 0")
     _at_least(self, ("max_staleness", "rollout_devices"), 0)
     if self.behaviour_logps not in BEHAVIOUR_LOGPS:
       raise ValueError(f"RolloutConfig.behaviour_logps={self.behaviour_logps!r}; allowed: {list(BEHAVIOUR_LOGPS)}")
+    if self.weight_sync_every > 1 and not self.pipelined:
+      raise ValueError(f"RolloutConfig.weight_sync_every={self.weight_sync_every} needs a pipelined run "
+                       "(RolloutConfig.max_staleness > 0 or RolloutConfig.rollout_devices > 0): the synchronous "
+                       "loop samples with the trainer's own weights")
 
   @property
   def pipelined(self) -> bool:
     """Rollouts come from a producer thread (pipeline.py) rather than in line."""
     return self.max_staleness > 0 or self.rollout_devices > 0
+
+  @property
+  def stale(self) -> bool:
+    """Whether a rollout can be sampled by an older policy version than the one that trains on it."""
+    return self.max_staleness > 0 or self.weight_sync_every > 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,7 +125,7 @@ class Trainer:
                                  apply_chat_template=ro.apply_chat_template, copy_weights=True)
     else:  # in lock-step (max_staleness 0) the sampler reads the trainer's own buffers, as it always did
       self.engine = NativeEngine(self.model_cfg, self.tokenizer, self.mesh, self.param_shardings,
-                                 apply_chat_template=ro.apply_chat_template, copy_weights=ro.max_staleness > 0)
+                                 apply_chat_template=ro.apply_chat_template, copy_weights=ro.stale)
 
     # --- data, rewards ---------------------------------------------------------------------
     proc, nproc = jax.process_index(), jax.process_count()
@@ -161,7 +161,7 @@ class Trainer:
     # The old log-probs come out of the update's first forward when nothing needs them before it.
     # Not with stale rollouts: their old log-probs are the behaviour policy's, not the current params'.
     self.old_logps_in_update = (up.old_logps_in_update and up.num_minibatches == 1 and up.tis_cap == 0
-                                and ro.max_staleness == 0)
+                                and not ro.stale)
     update = functools.partial(update_on_rollout, cfg=self.step_cfg, tx=self.tx, schedule=self.schedule,
                                num_iterations=up.num_iterations, num_minibatches=up.num_minibatches,
                                old_from_first_step=self.old_logps_in_update)
@@ -200,6 +200,7 @@ class Trainer:
       # Rollouts older than the restored version come from the checkpoint; a run resumed without them (a
       # checkpoint of the synchronous loop) samples its first rollouts with the restored version.
       self.pipeline = Pipeline(self._make_rollout, self.engine, staleness=ro.max_staleness,
+                               sync_every=ro.weight_sync_every,
                                first=self.iteration + len(pending), total=rl.total_steps,
                                base_version=self.iteration if restored is not None and not pending else 0,
                                pending=pending)
@@ -427,8 +428,7 @@ class Trainer:
     if self.pipeline is not None:
       if not self.pipeline.started:  # a save before the first iteration (a signal came early)
         self.pipeline.start()
-      last = min(self.iteration + self.rl.rollout.max_staleness, self.rl.total_steps)
-      pending = self.pipeline.pending(self.iteration, last)
+      pending = self.pipeline.pending(self.iteration, self.pipeline.first_sampled_by(self.iteration))
       state.update(pending_rollouts=[r.to_json() for r in pending], consumed_data=self._stream_state)
       if pending:
         state["data"] = pending[-1].stream_state

@@ -134,7 +134,38 @@ def test_stale_rollouts_and_exact_resume(model_dir, tmp_path):
   assert _comparable(read_metrics(str(tmp_path / "full"))) == _comparable(read_metrics(str(tmp_path / "part")))
 
 
+def test_weights_synced_every_k_updates_and_exact_resume(model_dir, tmp_path):
+  """s = 1, k = 2: the engine gets versions 0, 2, 4 only, rollout i is sampled by max(0, 2 * floor((i - 1) / 2))
+  (staleness 0, 1, 2, 1, 2, 1), and a run stopped after iteration 3 (rollouts 3 and 4, both from version 2, in
+  the checkpoint) resumes to the same params and metrics as a run straight through."""
+  kw = dict(total_steps=6, max_staleness=1, weight_sync_every=2, save_every=3)
+  full = _trainer(_rl(model_dir, tmp_path / "full", **kw))
+  versions, loaded, make, load = [], [], full._make_rollout, full.engine.load_weights
+  full.pipeline._make = lambda i, v, rng: versions.append((i, v)) or make(i, v, rng)
+  full.engine.load_weights = lambda params, version: loaded.append(version) or load(params, version)
+  _run(full)
+  assert versions == [(0, 0), (1, 0), (2, 0), (3, 2), (4, 2), (5, 4)]
+  assert loaded == [2, 4]  # version 0 was loaded before the hook; 1, 3 and 5 never reach the engine
+  rows = [r for r in read_metrics(str(tmp_path / "full")) if "pipeline/staleness" in r]
+  assert [r["pipeline/staleness"] for r in rows] == [0, 1, 2, 1, 2, 1]
+
+  part = _trainer(_rl(model_dir, tmp_path / "part", **kw))
+  _run(part, stop_after=3)
+  _, host = Checkpointer(str(tmp_path / "part" / "checkpoints"), save_every=3).restore(3, abstract_like(part.state))
+  assert [(r.iteration, r.version) for r in map(Rollout.from_json, host["pending_rollouts"])] == [(3, 2), (4, 2)]
+  resumed = _trainer(_rl(model_dir, tmp_path / "part", **kw))
+  assert resumed.iteration == 3 and resumed.pipeline.first == 5
+  _run(resumed)
+  for a, b in zip(jax.tree.leaves(_host(full.state)), jax.tree.leaves(_host(resumed.state))):
+    np.testing.assert_array_equal(a, b)
+  assert _comparable(read_metrics(str(tmp_path / "full"))) == _comparable(read_metrics(str(tmp_path / "part")))
+
+
 def test_pipeline_config_errors_name_the_field(model_dir, tmp_path):
+  with pytest.raises(ValueError, match="RolloutConfig.weight_sync_every=0; must be >= 1"):
+    RolloutConfig(weight_sync_every=0, max_staleness=1)
+  with pytest.raises(ValueError, match="RolloutConfig.weight_sync_every=2 needs a pipelined run"):
+    RolloutConfig(weight_sync_every=2)
   with pytest.raises(ValueError, match="RolloutConfig.max_staleness=-1"):
     RolloutConfig(max_staleness=-1)
   with pytest.raises(ValueError, match="RolloutConfig.behaviour_logps='trainer'"):
