@@ -121,13 +121,19 @@ def test_stale_rollouts_and_exact_resume(model_dir, tmp_path):
   assert [r["pipeline/staleness"] for r in rows] == [0, 1, 2, 2, 2, 2]
   assert _departure(rows[0]) < 1e-5 and all(_departure(r) > 1e-3 for r in rows[1:]), rows
 
+  _assert_resumes_exactly(full, model_dir, tmp_path, kw, stop_after=2, held=[(2, 0), (3, 1)])
+
+
+def _assert_resumes_exactly(full, model_dir, tmp_path, kw, *, stop_after: int, held: list[tuple[int, int]]):
+  """A run of `kw` stopped after iteration `stop_after` checkpoints the rollouts `held` ((iteration, version)
+  pairs) and, resumed, ends with `full`'s params and metrics bit for bit."""
   part = _trainer(_rl(model_dir, tmp_path / "part", **kw))
-  _run(part, stop_after=2)
-  _, host = Checkpointer(str(tmp_path / "part" / "checkpoints"), save_every=2).restore(2, abstract_like(part.state))
-  held = [Rollout.from_json(r) for r in host["pending_rollouts"]]
-  assert [(r.iteration, r.version) for r in held] == [(2, 0), (3, 1)]
+  _run(part, stop_after=stop_after)
+  _, host = Checkpointer(str(tmp_path / "part" / "checkpoints"), save_every=kw["save_every"]).restore(
+      stop_after, abstract_like(part.state))
+  assert [(r.iteration, r.version) for r in map(Rollout.from_json, host["pending_rollouts"])] == held
   resumed = _trainer(_rl(model_dir, tmp_path / "part", **kw))
-  assert resumed.iteration == 2 and resumed.pipeline.first == 4
+  assert resumed.iteration == stop_after and resumed.pipeline.first == stop_after + len(held)
   _run(resumed)
   for a, b in zip(jax.tree.leaves(_host(full.state)), jax.tree.leaves(_host(resumed.state))):
     np.testing.assert_array_equal(a, b)
@@ -149,16 +155,7 @@ def test_weights_synced_every_k_updates_and_exact_resume(model_dir, tmp_path):
   rows = [r for r in read_metrics(str(tmp_path / "full")) if "pipeline/staleness" in r]
   assert [r["pipeline/staleness"] for r in rows] == [0, 1, 2, 1, 2, 1]
 
-  part = _trainer(_rl(model_dir, tmp_path / "part", **kw))
-  _run(part, stop_after=3)
-  _, host = Checkpointer(str(tmp_path / "part" / "checkpoints"), save_every=3).restore(3, abstract_like(part.state))
-  assert [(r.iteration, r.version) for r in map(Rollout.from_json, host["pending_rollouts"])] == [(3, 2), (4, 2)]
-  resumed = _trainer(_rl(model_dir, tmp_path / "part", **kw))
-  assert resumed.iteration == 3 and resumed.pipeline.first == 5
-  _run(resumed)
-  for a, b in zip(jax.tree.leaves(_host(full.state)), jax.tree.leaves(_host(resumed.state))):
-    np.testing.assert_array_equal(a, b)
-  assert _comparable(read_metrics(str(tmp_path / "full"))) == _comparable(read_metrics(str(tmp_path / "part")))
+  _assert_resumes_exactly(full, model_dir, tmp_path, kw, stop_after=3, held=[(3, 2), (4, 2)])
 
 
 def test_pipeline_config_errors_name_the_field(model_dir, tmp_path):
