@@ -11,7 +11,7 @@ that are multiples of k reach the engine, and v(i) = max(base, k * floor((i - s)
 s .. s + k - 1. The schedule is fixed rather than "whatever weights are newest": a run is then a pure
 function of its config, s = 0 is the synchronous loop bit for bit, and a resumed run continues
 exactly. The price: while sampling is the bottleneck the engine holds up to s + 1 versions of
-the weights (the one it samples with and the newer ones the trainer has published).
+the weights (the one it samples with and the newer ones the trainer has published; fewer with k > 1).
 
 Threads. A producer thread makes the rollouts in order (draws prompts, samples on the rollout
 engine, scores, and for a stale rollout recomputes the behaviour policy's log-probs); the trainer's
