@@ -10,6 +10,7 @@ from cispo_jax import data
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import fork_probe  # noqa: E402
+from tiny_bootstrap import tiny_bootstrap_gin  # noqa: E402  (tests/ is on sys.path)
 
 
 def test_marker_opens_every_worked_solution_and_nothing_else():
@@ -26,17 +27,9 @@ def test_marker_opens_every_worked_solution_and_nothing_else():
 
 def test_probe_on_a_tiny_model(tmp_path):
   tiny = tmp_path / "tiny.gin"
-  tiny.write_text(f"""
-BootstrapConfig.cache_dir = '{tmp_path / "bootstrap"}'
-BootstrapConfig.hidden_size = 32
-BootstrapConfig.intermediate_size = 64
-BootstrapConfig.num_layers = 1
-BootstrapConfig.num_heads = 2
-BootstrapConfig.num_kv_heads = 1
-BootstrapConfig.sft_steps = 40
-BootstrapConfig.sft_examples = 256
+  tiny.write_text(tiny_bootstrap_gin(tmp_path / "bootstrap", sft_steps=40, sft_examples=256) + """
 BootstrapConfig.sft_scratchpad_fraction = 0.5
-TaskConfig.task_args = {{'max_operand': 19, 'ops': '+', 'scratchpad_marker': '('}}
+TaskConfig.task_args = {'max_operand': 19, 'ops': '+', 'scratchpad_marker': '('}
 TaskConfig.train_size = 64
 TaskConfig.eval_size = 16
 # a length bonus (tests/user_reward_fns.py): the longer worked solutions get A > 0 in a tiny model

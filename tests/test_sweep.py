@@ -10,21 +10,14 @@ from cispo_jax import diagnostics
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import sweep  # noqa: E402
+from tiny_bootstrap import tiny_bootstrap_gin  # noqa: E402  (tests/ is on sys.path)
 
 
 def _tiny_gin(tmp_path):
   """An overlay that shrinks the default experiment to seconds (after a loss file)."""
   path = tmp_path / "tiny.gin"
-  path.write_text(f"""
-BootstrapConfig.cache_dir = '{tmp_path / "bootstrap"}'
-BootstrapConfig.hidden_size = 32
-BootstrapConfig.intermediate_size = 64
-BootstrapConfig.num_layers = 1
-BootstrapConfig.num_heads = 2
-BootstrapConfig.num_kv_heads = 1
-BootstrapConfig.sft_steps = 20
-BootstrapConfig.sft_examples = 64
-TaskConfig.task_args = {{'max_operand': 9, 'ops': '+'}}
+  path.write_text(tiny_bootstrap_gin(tmp_path / "bootstrap", sft_steps=20, sft_examples=64) + """
+TaskConfig.task_args = {'max_operand': 9, 'ops': '+'}
 TaskConfig.train_size = 64
 TaskConfig.eval_size = 8
 # a length bonus beside the answer check (tests/user_reward_fns.py): every group has reward variance,
