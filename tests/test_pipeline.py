@@ -9,10 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from cispo_jax import data, losses
+from cispo_jax import losses
 from cispo_jax.checkpoint import Checkpointer, abstract_like
 from cispo_jax.metrics import read_metrics
-from cispo_jax.model.tiny import build_char_tokenizer, make_tiny_model_dir
 from cispo_jax.optim import OptimConfig
 from cispo_jax.rollout import Rollout
 from cispo_jax.sharding import MeshConfig
@@ -23,13 +22,6 @@ from cispo_jax.trainer import Trainer
 # A length bonus beside the answer check gives every group reward variance (tests/user_reward_fns.py).
 TASK = TaskConfig(task="arithmetic", task_args={"max_operand": 9}, train_size=64, eval_size=8,
                   rewards=(("final_numeric", 1.0), ("user_reward_fns:length_bonus", 0.1)))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tiny_policy"))
-  return make_tiny_model_dir(path, "qwen2", tokenizer=build_char_tokenizer(data.ALPHABET), hidden_size=32,
-                             num_layers=1, num_heads=2, num_kv_heads=1, seed=0)
 
 
 def _rl(model_dir, run_dir, **kw):

@@ -19,22 +19,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from cispo_jax import data
 from cispo_jax.metrics import read_metrics
-from cispo_jax.model.tiny import build_char_tokenizer, make_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tiny_policy"))
-  return make_tiny_model_dir(path, "qwen2", tokenizer=build_char_tokenizer(data.ALPHABET), hidden_size=32,
-                             num_layers=1, num_heads=2, num_kv_heads=1, seed=0)
 
 
 _CACHE = {}

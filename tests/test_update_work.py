@@ -14,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from cispo_jax import data, losses
-from cispo_jax.model.tiny import build_char_tokenizer, make_tiny_model_dir, random_params, tiny_config
+from cispo_jax import losses
+from cispo_jax.model.tiny import random_params, tiny_config
 from cispo_jax.optim import OptimConfig
 from cispo_jax.sharding import MeshConfig
 from cispo_jax.task import TaskConfig
@@ -221,13 +221,6 @@ def test_old_logps_from_the_first_step(tiny):
 
 TASK = TaskConfig(task="arithmetic", task_args={"max_operand": 9}, train_size=64, eval_size=8)
 MESH = MeshConfig(data=2, fsdp=2, tensor=1)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tiny_policy_work"))
-  return make_tiny_model_dir(path, "qwen2", tokenizer=build_char_tokenizer(data.ALPHABET), hidden_size=32,
-                             num_layers=1, num_heads=2, num_kv_heads=1, seed=0)
 
 
 def _scorer(texts, examples):
