@@ -1,4 +1,4 @@
-"""Generation throughput: cispo_jax.sampling.generate vs transformers `generate`, same model dir.
+"""Generation throughput: cispo_jax.rollout.sampling.generate vs transformers `generate`, same model dir.
 
 Both sides: a random ~3.2M-parameter Qwen2 (hidden 256, 4 layers, MLP 768, 4 heads / 2 KV
 heads) with a character-level tokenizer, float32, CPU, 64 prompts, exactly 32 new tokens each
@@ -43,7 +43,7 @@ def main():
 
   from cispo_jax.model.hf_io import load_model, load_tokenizer
   from cispo_jax.model.tiny import make_tiny_model_dir
-  from cispo_jax.sampling import SamplingConfig, compile_count, encode_prompts, generate
+  from cispo_jax.rollout.sampling import SamplingConfig, compile_count, encode_prompts, generate
 
   torch.set_num_threads(args.threads)
   B, N = args.batch, args.new_tokens

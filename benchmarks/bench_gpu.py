@@ -72,10 +72,11 @@ def model_cfg(remat: bool):
 
 
 def bench_update(args, peak, remat):
-  from cispo_jax import losses
+  from cispo_jax.rl import losses
   from cispo_jax.model import transformer
-  from cispo_jax.optim import OptimConfig, make_optimizer
-  from cispo_jax.train_step import StepConfig, TrainState, completion_logps, update_on_rollout
+  from cispo_jax.rl.optim import OptimConfig, make_optimizer
+  from cispo_jax.model.logprobs import completion_logps
+  from cispo_jax.rl.train_step import StepConfig, TrainState, update_on_rollout
 
   cfg = model_cfg(remat)
   B, P, N = args.batch, args.prompt, args.new
@@ -111,7 +112,7 @@ def bench_update(args, peak, remat):
 
 
 def bench_decode(args, peak, B):
-  from cispo_jax import sampling
+  from cispo_jax.rollout import sampling
   from cispo_jax.model import transformer
 
   cfg = model_cfg(False)

@@ -70,11 +70,11 @@ def main():
   args = ap.parse_args()
 
   import jax
-  from cispo_jax import config
+  from cispo_jax import cli
   from cispo_jax.bootstrap import bootstrap_model
   from cispo_jax.trainer import Trainer
 
-  configs = config.parse_args([])
+  configs = cli.parse_args([])
   model_dir = bootstrap_model(configs["TaskConfig"], configs["BootstrapConfig"])
   print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, {os.cpu_count()} cores; "
         f"default config, {args.iterations} iterations after {args.warmup} warm-up; model {model_dir}")

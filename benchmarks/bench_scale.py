@@ -1,7 +1,7 @@
 """Memory at real sizes, compile only: the update, the old-log-prob forward and the sampler.
 
 For a grid of completion lengths and meshes, each program of an RL iteration is lowered and
-compiled on abstract inputs (`cispo_jax.sharding.compiled`), nothing is run, and XLA's own
+compiled on abstract inputs (`cispo_jax.scale.compiled`), nothing is run, and XLA's own
 per-device figures are printed: temp, argument and output bytes, and the compile seconds,
 next to what `plan_memory` predicts for the update's activations. Meshes of 8 devices are
 fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, set here).
@@ -69,8 +69,8 @@ def _mesh(name):
 
 
 def compile_grid(args, name, cfg):
-  from cispo_jax.sharding import plan_memory
-  from cispo_jax.sharding.compiled import compiled_memory
+  from cispo_jax.scale.memory import plan_memory
+  from cispo_jax.scale.compiled import compiled_memory
 
   print(f"\n{name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; "
         f"dtype {cfg.dtype}, params {cfg.param_dtype}, remat {cfg.remat} ({cfg.remat_policy}), "
@@ -106,11 +106,12 @@ def run_iteration(args):
   """One real RL iteration of the trainer on a random Qwen2.5-0.5B-shaped directory (CPU)."""
   import jax
 
-  from cispo_jax import losses, sharding
+  from cispo_jax import sharding
+  from cispo_jax.rl import losses
   from cispo_jax.model.tiny import DEFAULT_ALPHABET, make_tiny_model_dir
-  from cispo_jax.optim import OptimConfig
+  from cispo_jax.rl.optim import OptimConfig
   from cispo_jax.task import TaskConfig
-  from cispo_jax.rl_config import (CheckpointConfig, EvalConfig, ModelRunConfig, RLConfig, RolloutConfig,
+  from cispo_jax.trainer import (CheckpointConfig, EvalConfig, ModelRunConfig, RLConfig, RolloutConfig,
                                    UpdateConfig)
   from cispo_jax.trainer import Trainer
 

@@ -1,11 +1,11 @@
 """How close the training update and the sampler run to this machine's matmul peak.
 
-The update is the trainer's program: `cispo_jax.train_step.update_on_rollout`, jitted with the
-state donated, CISPO loss, AdamW with global-norm clipping (`cispo_jax.optim.make_optimizer`),
+The update is the trainer's program: `cispo_jax.rl.train_step.update_on_rollout`, jitted with the
+state donated, CISPO loss, AdamW with global-norm clipping (`cispo_jax.rl.optim.make_optimizer`),
 num_iterations=2, num_minibatches=1, micro_batches=1, float32. The batch is 64 sequences of a
 left-padded 16-token prompt (12-16 real tokens) + 32 completion tokens, 8 completions a prompt,
 old log-probs from the model itself (as the trainer computes them). The sampler is
-`cispo_jax.sampling`'s compiled program (prefill + while-loop decode, no stop token, so every
+`cispo_jax.rollout.sampling`'s compiled program (prefill + while-loop decode, no stop token, so every
 one of the 32 decode steps runs) at batch 64.
 
 Models (random weights, Qwen2 layout, the 86-token character vocabulary of cispo_jax.model.tiny):
@@ -97,7 +97,8 @@ def load_transformer_at(rev: str):
 @contextlib.contextmanager
 def model_code(mod):
   """Trace the trainer's and sampler's programs with the model functions of `mod`."""
-  from cispo_jax import sampling, train_step
+  from cispo_jax.rollout import sampling
+  from cispo_jax.rl import train_step
   saved = [(m, k, getattr(m, k)) for m, k in ((train_step, "hidden_states"), (train_step, "lm_head"),
                                               (sampling, "forward"), (sampling, "init_cache"))]
   for m, k, _ in saved:
@@ -167,7 +168,7 @@ def matmul_rates(reps: int = 5) -> list[float]:
 def rollout_batch(cfg, seed=0, B=BATCH, P=PROMPT, N=NEW, group=GROUP, min_prompt=12):
   """B rows of a left-padded prompt (min_prompt..P real tokens) + N completion positions (N/2..N real),
   random tokens and advantages, grouped by `group`; old log-probs to be filled in by the caller."""
-  from cispo_jax.train_step import RolloutBatch
+  from cispo_jax.rl.train_step import RolloutBatch
   rng = np.random.default_rng(seed)
   V = cfg.vocab_size
   plen = rng.integers(min_prompt, P + 1, B)
@@ -188,9 +189,11 @@ class Variant:
   """One version of the model code: its params, its compiled update and sampler."""
 
   def __init__(self, name, mod, cfg, what, seed=0):
-    from cispo_jax import losses, sampling
-    from cispo_jax.optim import OptimConfig, make_optimizer
-    from cispo_jax.train_step import StepConfig, TrainState, completion_logps, update_on_rollout
+    from cispo_jax.rl import losses
+    from cispo_jax.rollout import sampling
+    from cispo_jax.rl.optim import OptimConfig, make_optimizer
+    from cispo_jax.model.logprobs import completion_logps
+    from cispo_jax.rl.train_step import StepConfig, TrainState, update_on_rollout
 
     self.name, self.mod, self.cfg = name, mod, cfg
     params = random_params(mod, cfg, seed)

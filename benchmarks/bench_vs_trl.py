@@ -290,10 +290,11 @@ def _ours_worker(conn, a: dict, model_dir: str):
   import jax
   import numpy as np
 
-  from cispo_jax import losses, sharding
-  from cispo_jax.optim import OptimConfig
+  from cispo_jax import sharding
+  from cispo_jax.rl import losses
+  from cispo_jax.rl.optim import OptimConfig
   from cispo_jax.task import TaskConfig
-  from cispo_jax.rl_config import RLConfig
+  from cispo_jax.trainer import RLConfig
   from cispo_jax.trainer import Trainer
 
   total = a["warmup"] + a["iterations"]

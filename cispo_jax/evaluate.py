@@ -25,7 +25,7 @@ SAMPLING_FLAGS = ("max_new_tokens", "temperature", "seed", "task")  # the traini
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from cispo_jax import config
+  from cispo_jax import cli
 
   p = argparse.ArgumentParser(prog="cispo_jax.evaluate", allow_abbrev=False,
                               description="Greedy pass@1, sampled pass@k, completion length and format errors of a "
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--gin_file", action="append", default=None, help="gin file (repeatable); default: configs/default.gin")
   p.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. TaskConfig.prompt_format='chat'")
   for flag in SAMPLING_FLAGS:
-    p.add_argument(f"--{flag}", default=None, help=f"shorthand for {config.SHORTHANDS[flag]}")
+    p.add_argument(f"--{flag}", default=None, help=f"shorthand for {cli.SHORTHANDS[flag]}")
   return p
 
 
@@ -80,7 +80,7 @@ class ModelSampler:
   def __init__(self, rl, mesh_cfg, devices=None):
     from cispo_jax import sharding
     from cispo_jax.model import hf_io, logical_axes, param_shapes
-    from cispo_jax.rollout import NativeEngine
+    from cispo_jax.rollout.engine import NativeEngine
 
     self.rl = rl
     self.mesh = sharding.make_mesh(mesh_cfg, devices)
@@ -100,9 +100,9 @@ def evaluate(configs: dict[str, Any], out_dir: str, devices=None) -> dict[str, A
   """Metrics of the configured eval sets (or the held-out split), outputs written under out_dir."""
   import jax
 
-  from cispo_jax.evaluation import Evaluator
+  from cispo_jax.evals.evaluator import Evaluator
   from cispo_jax.task import HELDOUT, Scorer, make_sources
-  from cispo_jax.trainer import _sampling_config
+  from cispo_jax.rollout.config import sampling_config
 
   rl, task = configs["RLConfig"], configs["TaskConfig"]
   if not rl.model_dir:
@@ -119,8 +119,8 @@ def evaluate(configs: dict[str, Any], out_dir: str, devices=None) -> dict[str, A
   try:
     evaluator = Evaluator(
         sampler.generate, sampler.local_rows, sampler.tokenizer, scorer,
-        greedy_cfg=_sampling_config(rl.rollout, sampler.tokenizer, greedy=True, n=1),
-        sampled_cfg=_sampling_config(rl.rollout, sampler.tokenizer, greedy=False, n=task.eval_samples)
+        greedy_cfg=sampling_config(rl.rollout, sampler.tokenizer, greedy=True, n=1),
+        sampled_cfg=sampling_config(rl.rollout, sampler.tokenizer, greedy=False, n=task.eval_samples)
         if task.eval_samples else None, ks=task.pass_k(), batch_size=task.eval_batch_size, seed=rl.seed)
     metrics = evaluator(sampler.params, sets, os.path.join(out_dir, "outputs.jsonl"))
   finally:
@@ -157,14 +157,12 @@ def main(argv: Sequence[str] | None = None, devices=None) -> dict[str, Any]:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "jax._src", "orbax", "httpx"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from cispo_jax.train import _split_distributed_args
+  from cispo_jax import cli, sharding
 
-  dist, rest = _split_distributed_args(sys.argv[1:] if argv is None else argv)
-  from cispo_jax import config, sharding
-
+  dist, rest = cli.split_distributed_args(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(rest)
-  short = {k: v for k, v in vars(args).items() if k in config.SHORTHANDS and v is not None}
-  configs = config.parse(args.gin_file, list(args.gin_param) + _bindings(args), short)
+  short = {k: v for k, v in vars(args).items() if k in cli.SHORTHANDS and v is not None}
+  configs = cli.parse(args.gin_file, list(args.gin_param) + _bindings(args), short)
   sharding.initialize_distributed(dist.coordinator_address, dist.num_processes, dist.process_id)
   result = evaluate(configs, args.out_dir, devices)
   import jax

@@ -6,33 +6,21 @@ CISPO RL on integer arithmetic, on whatever devices JAX sees, and print a summar
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import sys
 
 
-def _split_distributed_args(argv):
-  p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-  p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (CPU/GPU multi-process)")
-  p.add_argument("--num_processes", type=int, default=None)
-  p.add_argument("--process_id", type=int, default=None)
-  p.add_argument("--allow_config_change", action="store_true",
-                 help="resume a run directory with a different config (the change is recorded)")
-  return p.parse_known_args(argv)
-
-
 def main(argv=None) -> dict:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "jax._src", "orbax", "httpx"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  dist, rest = _split_distributed_args(sys.argv[1:] if argv is None else argv)
-
-  from cispo_jax import config, sharding
-  configs = config.parse_args(rest)  # every config is built and validated before any compilation
+  from cispo_jax import cli, sharding
+  dist, rest = cli.split_distributed_args(sys.argv[1:] if argv is None else argv)
+  configs = cli.parse_args(rest)  # every config is built and validated before any compilation
   sharding.initialize_distributed(dist.coordinator_address, dist.num_processes, dist.process_id)
-  from cispo_jax.compile_cache import enable_compilation_cache
+  from cispo_jax.runtime.compile_cache import enable_compilation_cache
   cache = enable_compilation_cache()  # a rerun of the same config loads its compiled programs from disk
   logging.getLogger("cispo_jax.train").info("compilation cache: %s", cache or "off")
 

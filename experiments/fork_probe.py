@@ -53,12 +53,12 @@ def loss_config(base, name: str):
 
 def sample_batch(params, model_cfg, tokenizer, rl, task, marker_id: int, key):
   """One rollout as the trainer builds it: (RolloutBatch, fork_BxN, rewards_B, marker_first_B)."""
-  from cispo_jax import advantages as adv_lib
+  from cispo_jax.rl import advantages as adv_lib
   from cispo_jax import data as data_lib
-  from cispo_jax import sampling
+  from cispo_jax.rollout import sampling
   from cispo_jax.task import Scorer, make_sources
-  from cispo_jax.train_step import RolloutBatch
-  from cispo_jax.trainer import batched_completion_logps
+  from cispo_jax.rl.train_step import RolloutBatch
+  from cispo_jax.rollout.engine import batched_completion_logps
 
   n = rl.rollout.num_generations
   train_src, _ = make_sources(task, seed=rl.seed)
@@ -89,7 +89,7 @@ def sample_batch(params, model_cfg, tokenizer, rl, task, marker_id: int, key):
 
 
 def sampling_config(rl, tokenizer, n: int):
-  from cispo_jax import sampling
+  from cispo_jax.rollout import sampling
   ro = rl.rollout
   return sampling.SamplingConfig(
       max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, stop_token_ids=(tokenizer.eos_token_id,),
@@ -98,8 +98,8 @@ def sampling_config(rl, tokenizer, n: int):
 
 def fork_probability_fn(model_cfg, tokenizer, rl, held, marker_id: int):
   """params -> mean over held-out prompts of P(marker | prompt) as the first completion token."""
-  from cispo_jax import sampling
-  from cispo_jax.train_step import completion_logps
+  from cispo_jax.rollout import sampling
+  from cispo_jax.model.logprobs import completion_logps
 
   tok, mask = sampling.encode_prompts(tokenizer, [e.prompt for e in held], sampling_config(rl, tokenizer, 1))
   tokens = jnp.asarray(np.concatenate([tok, np.full((len(tok), 1), marker_id)], 1), jnp.int32)
@@ -114,9 +114,10 @@ def fork_probability_fn(model_cfg, tokenizer, rl, held, marker_id: int):
 
 def probe_loss(params, batch, fork_BxN, loss_cfg, *, model_cfg, rl, optim, updates: int, p_fork) -> dict:
   """`updates` full-batch steps of one loss from `params` on `batch`; per-step records."""
-  from cispo_jax import diagnostics
-  from cispo_jax.optim import make_optimizer
-  from cispo_jax.train_step import StepConfig, TrainState, completion_logps, train_step
+  from cispo_jax.rl import diagnostics
+  from cispo_jax.rl.optim import make_optimizer
+  from cispo_jax.model.logprobs import completion_logps
+  from cispo_jax.rl.train_step import StepConfig, TrainState, train_step
 
   tx, schedule = make_optimizer(dataclasses.replace(optim, warmup_steps=0), updates)
   state = TrainState.create(params, tx, rl.seed)
@@ -196,7 +197,7 @@ def main(argv=None):
   args = ap.parse_args(sys.argv[1:] if argv is None else argv)
   if args.updates < 2:
     ap.error("--updates must be >= 2 (the first update is on-policy)")
-  from cispo_jax import config
+  from cispo_jax import cli
   from cispo_jax.bootstrap import bootstrap_model
   from cispo_jax.model import hf_io
   from cispo_jax.task import make_sources
@@ -205,7 +206,7 @@ def main(argv=None):
   here = os.path.dirname(os.path.abspath(__file__))  # gin files as given, else from experiments/
   gin_files = [f if os.path.exists(f) or not os.path.exists(os.path.join(here, f)) else os.path.join(here, f)
                for f in args.gin_file or []] or None
-  built = config.parse(gin_files, args.gin_param)
+  built = cli.parse(gin_files, args.gin_param)
   rl, task, optim = built["RLConfig"], built["TaskConfig"], built["OptimConfig"]
   losses_cfg = [loss_config(built["LossConfig"], name) for name in args.losses]  # every name checked first
   marker = task.task_args.get("scratchpad_marker", "") if task.task == "arithmetic" else ""

@@ -88,10 +88,10 @@ def parse_arm(spec: str) -> Arm:
 def check_configs(arms: list[Arm], extra: list[str]) -> None:
   """Build every arm's configs before the first run starts: a typo fails now, naming its arm,
   not an hour into the sweep."""
-  from cispo_jax import config
+  from cispo_jax import cli
   for arm in arms:
     try:
-      config.parse(list(arm.gin_files), [*arm.bindings, *extra])
+      cli.parse(list(arm.gin_files), [*arm.bindings, *extra])
     except Exception as e:  # gin and the dataclasses raise several types; all mean a bad arm
       raise SystemExit(f"sweep: arm {arm.name!r} ({' + '.join(arm.gin_files)}"
                        f"{' @ ' + ' @ '.join(arm.bindings) if arm.bindings else ''}): {type(e).__name__}: {e}") from e
@@ -200,7 +200,7 @@ def main(argv=None):
 
 
 def report(arms: list[Arm], args, status: dict, argv: list[str]) -> dict:
-  from cispo_jax import analysis  # here: --dry_run and the runs themselves need no jax in this process
+  from cispo_jax.analysis import report as analysis  # here: --dry_run and the runs themselves need no jax in this process
 
   failed = [f"{a}-s{s}" for (a, s), st in status.items() if st == "failed"]
   dirs = [run_dir(args.root, a, s) for a in arms for s in args.seeds

@@ -119,7 +119,7 @@ def run_rl(args):
   """Two RL iterations of the real Trainer on the global mesh (test_scaleout.py's config)."""
   from test_scaleout import OPTIM, TASK, rl_config  # this file's folder is sys.path[0]
 
-  from cispo_jax import losses
+  from cispo_jax.rl import losses
   from cispo_jax.trainer import Trainer
 
   trainer = Trainer(rl_config(args.rl_model_dir, args.rl_run_dir, total_steps=2), losses.LossConfig(),

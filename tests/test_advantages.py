@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cispo_jax import advantages as A
+from cispo_jax.rl import advantages as A
 
 # 3 prompts x 4 completions: one correct of four, all correct, two of four.
 REWARDS = np.array([1, 0, 0, 0, 1, 1, 1, 1, 0, 1, 0, 1], np.float32)

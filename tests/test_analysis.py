@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from cispo_jax import analysis, stats
+from cispo_jax.analysis import report as analysis
+from cispo_jax.analysis import stats
 
 # Student-t 0.975 quantiles (and one 0.995) from statistical tables.
 T_TABLE = [(0.975, 1, 12.706205), (0.975, 2, 4.302653), (0.975, 4, 2.776445), (0.975, 9, 2.262157),

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from cispo_jax import sampling
+from cispo_jax.rollout import sampling
 from cispo_jax.data import Example, check_prompts, load_jsonl
 from cispo_jax.model.hf_io import load_config, load_model, load_params, load_tokenizer
 from cispo_jax.model.tiny import SIMPLE_CHAT_TEMPLATE, build_char_tokenizer, make_tiny_model_dir

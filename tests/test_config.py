@@ -5,12 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from cispo_jax import config, operative_config
-from cispo_jax.rl_config import RENAMED, SECTIONS, RLConfig, RolloutConfig, UpdateConfig
+from cispo_jax import cli
+from cispo_jax.config import operative as operative_config
+from cispo_jax.config.operative import RENAMED
+from cispo_jax.trainer import SECTIONS, RLConfig, RolloutConfig, UpdateConfig
 
 
 def test_seed_flags_reach_the_loss_config():
-  built = config.parse_args(["--loss_type", "cispo", "--epsilon_high", "5.0", "--num_generations", "4",
+  built = cli.parse_args(["--loss_type", "cispo", "--epsilon_high", "5.0", "--num_generations", "4",
                              "--learning_rate", "3e-4", "--num_iterations", "3"])
   assert built["LossConfig"].loss_type == "cispo" and built["LossConfig"].epsilon_high == 5.0
   assert built["RLConfig"].rollout.num_generations == 4 and built["RLConfig"].update.num_iterations == 3
@@ -23,7 +25,7 @@ def test_gin_file_then_cli_overrides(tmp_path):
   gin_file.write_text("LossConfig.loss_type = 'dapo'\nLossConfig.epsilon_high = 0.28\n"
                       "RLConfig.total_steps = 7\nTaskConfig.task_args = {'max_operand': 19}\n"
                       "MeshConfig.data = 1\n")
-  built = config.parse_args(["--gin_file", str(gin_file), "--gin_param", "RLConfig.total_steps = 9",
+  built = cli.parse_args(["--gin_file", str(gin_file), "--gin_param", "RLConfig.total_steps = 9",
                              "--loss_type", "grpo"])
   assert built["LossConfig"].loss_type == "grpo"  # the CLI wins over the file
   assert built["LossConfig"].epsilon_high == 0.28  # the file's value stays
@@ -34,24 +36,24 @@ def test_gin_file_then_cli_overrides(tmp_path):
 
 def test_unknown_key_fails_with_its_name(tmp_path):
   with pytest.raises(ValueError, match="epsilon_hihg"):
-    config.parse_args(["--gin_param", "LossConfig.epsilon_hihg = 5.0"])
+    cli.parse_args(["--gin_param", "LossConfig.epsilon_hihg = 5.0"])
   bad = tmp_path / "bad.gin"
   bad.write_text("RLConfig.total_steps = 3\nRLConfig.num_generatoins = 4\n")
   with pytest.raises(ValueError, match=r"num_generatoins[\s\S]*bad.gin:2|bad.gin[\s\S]*line 2"):
-    config.parse_args(["--gin_file", str(bad)])
+    cli.parse_args(["--gin_file", str(bad)])
   with pytest.raises((ValueError, KeyError), match="NoSuchConfig"):
-    config.parse_args(["--gin_param", "NoSuchConfig.x = 1"])
+    cli.parse_args(["--gin_param", "NoSuchConfig.x = 1"])
 
 
 def test_bad_values_fail_before_compilation():
   with pytest.raises(ValueError, match="epsilon_high"):  # a CISPO cap below 1 clamps every on-policy token
-    config.parse_args(["--loss_type", "cispo", "--epsilon_high", "0.2"])
+    cli.parse_args(["--loss_type", "cispo", "--epsilon_high", "0.2"])
   with pytest.raises(ValueError, match="loss_type"):
-    config.parse_args(["--loss_type", "ppo2"])
+    cli.parse_args(["--loss_type", "ppo2"])
   with pytest.raises(ValueError, match="RolloutConfig.num_generations"):
-    config.parse_args(["--num_generations", "0"])
+    cli.parse_args(["--num_generations", "0"])
   with pytest.raises(SystemExit):  # argparse: an unknown flag
-    config.parse_args(["--epsilon_hi", "5"])
+    cli.parse_args(["--epsilon_hi", "5"])
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.gin")))
@@ -60,14 +62,14 @@ def test_experiment_files_parse(name):
   files = [str(Path(__file__).parents[1] / "experiments" / name)]
   if name == "off_policy_depth.gin":  # a modifier, combined with a loss file
     files.insert(0, str(Path(__file__).parents[1] / "experiments" / "grpo.gin"))
-  built = config.parse(files)
+  built = cli.parse(files)
   assert built["TaskConfig"].task == "arithmetic"
   if name.startswith("cispo"):
     assert built["LossConfig"].loss_type == "cispo"
 
 
 def test_default_experiment_is_cispo_with_the_seed_cap():
-  built = config.parse()
+  built = cli.parse()
   assert built["LossConfig"].loss_type == "cispo" and built["LossConfig"].epsilon_high == 5.0
   assert built["LossConfig"].cispo_mode == "absolute"
 
@@ -76,7 +78,7 @@ def test_rl_config_is_built_from_its_sections(tmp_path):
   gin_file = tmp_path / "exp.gin"
   gin_file.write_text("RLConfig.total_steps = 7\nRolloutConfig.temperature = 0.7\nUpdateConfig.tis_cap = 2.0\n"
                       "EvalConfig.eval_size = 32\nCheckpointConfig.keep_checkpoints = 3\nModelRunConfig.remat = True\n")
-  built = config.parse([str(gin_file)], ["UpdateConfig.num_minibatches = 4"], {"max_new_tokens": "12"})
+  built = cli.parse([str(gin_file)], ["UpdateConfig.num_minibatches = 4"], {"max_new_tokens": "12"})
   rl = built["RLConfig"]
   for field, cls in SECTIONS.items():
     assert getattr(rl, field) is built[cls.__name__]
@@ -88,21 +90,21 @@ def test_rl_config_is_built_from_its_sections(tmp_path):
 
 
 def test_operative_config_names_each_field_once_under_its_section_and_parses_back(tmp_path):
-  built = config.parse()
+  built = cli.parse()
   keys = list(operative_config.bindings(built["operative"]))
   assert len(keys) == len(set(keys))
   assert "RolloutConfig.temperature" in keys and "ModelRunConfig.logprob_chunk" in keys
   assert not set(keys) & set(RENAMED) and not {f"RLConfig.{s}" for s in SECTIONS} & set(keys)
   again = tmp_path / "operative.gin"
   again.write_text(built["operative"])
-  rebuilt = config.parse([str(again)])
-  assert all(rebuilt[name] == built[name] for name in config.CONFIG_CLASSES)
+  rebuilt = cli.parse([str(again)])
+  assert all(rebuilt[name] == built[name] for name in cli.CONFIG_CLASSES)
 
 
 @pytest.mark.parametrize("old", sorted(RENAMED))
 def test_every_old_rl_config_key_is_refused_with_its_new_name(old):
   with pytest.raises(ValueError, match=rf"--gin_param '{old} = 1': {old} is now {RENAMED[old]}$"):
-    config.parse_args(["--gin_param", f"{old} = 1"])
+    cli.parse_args(["--gin_param", f"{old} = 1"])
 
 
 def test_old_rl_config_keys_in_gin_files_name_file_and_line(tmp_path):
@@ -111,7 +113,7 @@ def test_old_rl_config_keys_in_gin_files_name_file_and_line(tmp_path):
   exp = tmp_path / "exp.gin"
   exp.write_text(f"include '{base}'\nRLConfig.seed = 1\nscoped/RLConfig.num_minibatches = 2\nRLConfig.rollout = 3\n")
   with pytest.raises(ValueError) as info:
-    config.parse_args(["--gin_file", str(exp), "--gin_param", "RLConfig.export_final = False"])
+    cli.parse_args(["--gin_file", str(exp), "--gin_param", "RLConfig.export_final = False"])
   message = str(info.value)
   for needle in (f"{base}:3 (RLConfig.temperature = 0.7): RLConfig.temperature is now RolloutConfig.temperature",
                  f"{exp}:3 (scoped/RLConfig.num_minibatches = 2): RLConfig.num_minibatches is now "
@@ -125,7 +127,7 @@ def test_old_rl_config_keys_in_gin_files_name_file_and_line(tmp_path):
 
 def test_a_run_dir_recorded_before_the_split_resumes_and_reads_under_the_new_keys(tmp_path):
   """operative_config.gin of a run started before RLConfig had sections: same settings, no config change."""
-  built = config.parse()
+  built = cli.parse()
   old_key = {new: old for old, new in RENAMED.items()}
   old_text = "".join(f"{old_key.get(key, key)} = {value}\n" for key, _, value in
                      (line.partition(" = ") for line in built["operative"].splitlines()))
@@ -149,8 +151,8 @@ def test_gin_include_probes_are_not_logged_as_errors(tmp_path, caplog):
   exp = tmp_path / "exp.gin"
   exp.write_text("include 'default.gin'\nRLConfig.seed = 3\n")
   with caplog.at_level(logging.INFO):
-    assert config.parse_args(["--gin_file", str(exp)])["RLConfig"].seed == 3
+    assert cli.parse_args(["--gin_file", str(exp)])["RLConfig"].seed == 3
   assert not [r for r in caplog.records if "Path not found" in r.getMessage()]
   exp.write_text("include 'no_such_file.gin'\n")
   with pytest.raises(OSError, match="no_such_file.gin"):
-    config.parse_args(["--gin_file", str(exp)])
+    cli.parse_args(["--gin_file", str(exp)])

@@ -1,4 +1,4 @@
-"""Every bound config value is checked against its field's annotation when `config.parse` builds
+"""Every bound config value is checked against its field's annotation when `cli.parse` builds
 the configs: the error names the class, field, value, its type, the expected type and the gin
 file:line or flag it came from. Plus: a group of one completion is refused."""
 
@@ -9,14 +9,16 @@ import typing
 import numpy as np
 import pytest
 
-from cispo_jax import advantages, config
+from cispo_jax import cli
+from cispo_jax.config import fields
+from cispo_jax.rl import advantages
 from cispo_jax.rewards.scoring import RewardConfig
-from cispo_jax.rl_config import SECTIONS, RLConfig, RolloutConfig
+from cispo_jax.trainer import SECTIONS, RLConfig, RolloutConfig
 
 
 def _error(argv):
-  with pytest.raises(config.ConfigTypeError) as info:
-    config.parse_args(argv)
+  with pytest.raises(fields.ConfigTypeError) as info:
+    cli.parse_args(argv)
   assert isinstance(info.value, ValueError)  # a bad config, like the dataclasses' own checks
   return str(info.value)
 
@@ -57,7 +59,7 @@ def test_gin_file_line_is_named_including_through_include_and_macros(tmp_path):
   assert "RLConfig.total_steps expects int, got 2.5 (float)" in message
   assert f"{base}:4 (RLConfig.total_steps = 2.5)" in message
   # A later, good binding wins: nothing to complain about.
-  assert config.parse_args(["--gin_file", str(exp), "--total_steps", "3"])["RLConfig"].total_steps == 3
+  assert cli.parse_args(["--gin_file", str(exp), "--total_steps", "3"])["RLConfig"].total_steps == 3
   macro = tmp_path / "macro.gin"
   macro.write_text("STEPS = 8.0\nRLConfig.prompts_per_step = %STEPS\n")
   message = _error(["--gin_file", str(macro)])
@@ -65,7 +67,7 @@ def test_gin_file_line_is_named_including_through_include_and_macros(tmp_path):
 
 
 def test_well_typed_values_are_converted_where_the_annotation_says():
-  built = config.parse_args(["--learning_rate", "1", "--gin_param", "LossConfig.epsilon_high = 5",
+  built = cli.parse_args(["--learning_rate", "1", "--gin_param", "LossConfig.epsilon_high = 5",
                              "--gin_param", "RolloutConfig.prompt_buckets = [8, 16]", "--run_dir", "2024",
                              "--gin_param", "LossConfig.max_completion_length = 16",
                              "--gin_param", "OptimConfig.max_grad_norm = None"])
@@ -93,7 +95,7 @@ def test_gin_param_values_of_the_wrong_type(binding, expected):
 
 
 def _fields():
-  for name, cls in config.CONFIG_CLASSES.items():
+  for name, cls in cli.CONFIG_CLASSES.items():
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
       if cls is RLConfig and f.name in SECTIONS:  # built from the section's own bindings, each checked here
@@ -108,21 +110,21 @@ def test_every_field_of_every_config_is_checked(name, field, hint):
     pytest.skip("annotated Any: anything goes")
   members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
   bad = "3" if str in members else "'x'"  # an int where strings go, else a string
-  with pytest.raises(config.ConfigTypeError, match=rf"^{name}\.{field} expects .*--gin_param"):
-    config.parse(gin_params=[f"{name}.{field} = {bad}"])
+  with pytest.raises(fields.ConfigTypeError, match=rf"^{name}\.{field} expects .*--gin_param"):
+    cli.parse(gin_params=[f"{name}.{field} = {bad}"])
 
 
 def test_check_field_handles_parametrised_annotations():
-  assert config.check_field(RewardConfig, "rewards", [["a", 1]]) == (("a", 1.0),)
-  with pytest.raises(config.ConfigTypeError, match=r"item \[1\] should be tuple\[str, float\].*item \[1\] should be float, "
+  assert fields.check_field(RewardConfig, "rewards", [["a", 1]]) == (("a", 1.0),)
+  with pytest.raises(fields.ConfigTypeError, match=r"item \[1\] should be tuple\[str, float\].*item \[1\] should be float, "
                                                    r"got 'x' \(str\)"):
-    config.check_field(RewardConfig, "rewards", (("a", 1.0), ("b", "x")))
-  with pytest.raises(config.ConfigTypeError, match=r"2 items, not 3|3 items, not 2"):
-    config.check_field(RewardConfig, "rewards", (("a", 1.0, 2.0),))
-  assert config.check_field(RewardConfig, "batch_timeout_s", None) is None
-  assert config.check_field(RewardConfig, "memory_limit_mb", np.int64(7)) == 7
-  with pytest.raises(config.ConfigTypeError, match="origin here"):
-    config.check_field(RewardConfig, "memory_limit_mb", 7.5, origin="origin here")
+    fields.check_field(RewardConfig, "rewards", (("a", 1.0), ("b", "x")))
+  with pytest.raises(fields.ConfigTypeError, match=r"2 items, not 3|3 items, not 2"):
+    fields.check_field(RewardConfig, "rewards", (("a", 1.0, 2.0),))
+  assert fields.check_field(RewardConfig, "batch_timeout_s", None) is None
+  assert fields.check_field(RewardConfig, "memory_limit_mb", np.int64(7)) == 7
+  with pytest.raises(fields.ConfigTypeError, match="origin here"):
+    fields.check_field(RewardConfig, "memory_limit_mb", 7.5, origin="origin here")
 
 
 def test_dataclasses_built_directly_are_not_type_checked():
@@ -133,18 +135,18 @@ def test_dataclasses_built_directly_are_not_type_checked():
 @pytest.mark.parametrize("advantage", sorted(advantages.ADVANTAGE_ESTIMATORS))
 def test_a_group_of_one_is_refused_for_every_advantage(advantage):
   with pytest.raises(ValueError) as info:
-    config.parse_args(["--num_generations", "1", "--gin_param", f"UpdateConfig.advantage = '{advantage}'"])
+    cli.parse_args(["--num_generations", "1", "--gin_param", f"UpdateConfig.advantage = '{advantage}'"])
   message = str(info.value)
   assert "RolloutConfig.num_generations=1" in message and f"UpdateConfig.advantage='{advantage}'" in message
   assert "every iteration would be skipped" in message
-  assert config.parse_args(["--num_generations", "2", "--gin_param",
+  assert cli.parse_args(["--num_generations", "2", "--gin_param",
                             f"UpdateConfig.advantage = '{advantage}'"])["RolloutConfig"].num_generations == 2
 
 
 @pytest.mark.parametrize("advantage", sorted(advantages.ADVANTAGE_ESTIMATORS))
 def test_every_estimator_is_group_relative(advantage):
   """Why a group of one is refused for all of them: with n=1 each gives 0 or refuses. An
-  estimator added without a group baseline fails here: then exempt it in config._check_groups."""
+  estimator added without a group baseline fails here: then exempt it in cli._check_groups."""
   rewards = np.asarray([0.0, 1.0, 5.0, -2.0], np.float32)
   try:
     adv = np.asarray(advantages.compute_advantages(advantage, rewards, 1))

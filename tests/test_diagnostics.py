@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cispo_jax import diagnostics, losses
-from cispo_jax.losses import LossConfig, policy_loss
+from cispo_jax.rl import diagnostics
+from cispo_jax.rl import losses
+from cispo_jax.rl.losses import LossConfig, policy_loss
 
 # Row 0 has A = +1, row 1 A = -1; the same six ratios in each, one per bucket edge case:
 # 0.5 (lo), 1.0 (mid), 1.25 (hi, beyond GRPO's 1.2 but inside DAPO's 1.28), 1.3 (hi, beyond

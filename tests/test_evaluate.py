@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from cispo_jax import evaluate
-from cispo_jax.evaluation import shard_indices
+from cispo_jax.evals.evaluator import shard_indices
 from cispo_jax.model.tiny import build_char_tokenizer, make_tiny_model_dir
-from cispo_jax.passk import pass_at_k
+from cispo_jax.evals.passk import pass_at_k
 
 import eval_reward_fns  # noqa: E402  (tests/ is on sys.path, as for the reward worker)
 from test_chat_template import CHATML
@@ -176,12 +176,13 @@ def test_shards_cover_each_example_once(n, nproc, batch):
 def test_in_training_eval_sets_pass_at_k_outputs_and_profile(tmp_path):
   """Inside training, every eval_every: the held-out split and TaskConfig.eval_sets, greedy and sampled,
   logged to metrics.jsonl, outputs per evaluation; profile_iterations traces the chosen iteration."""
-  from cispo_jax import data, losses
-  from cispo_jax.metrics import read_metrics
-  from cispo_jax.optim import OptimConfig
+  from cispo_jax import data
+  from cispo_jax.rl import losses
+  from cispo_jax.runtime.metrics import read_metrics
+  from cispo_jax.rl.optim import OptimConfig
   from cispo_jax.sharding import MeshConfig
   from cispo_jax.task import TaskConfig
-  from cispo_jax.rl_config import CheckpointConfig, EvalConfig, RLConfig, RolloutConfig, UpdateConfig
+  from cispo_jax.trainer import CheckpointConfig, EvalConfig, RLConfig, RolloutConfig, UpdateConfig
   from cispo_jax.trainer import Trainer
 
   model = make_tiny_model_dir(str(tmp_path / "m"), "qwen2", tokenizer=build_char_tokenizer(data.ALPHABET),

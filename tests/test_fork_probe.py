@@ -60,7 +60,7 @@ EvalConfig.eval_size = 16
 
 
 def test_probe_refuses_bad_input(tmp_path):
-  from cispo_jax.losses import LossConfig
+  from cispo_jax.rl.losses import LossConfig
   with pytest.raises(ValueError, match="unknown loss 'ppo2'"):
     fork_probe.loss_config(LossConfig(), "ppo2")
   with pytest.raises(SystemExit, match="no fork marker"):

@@ -9,7 +9,8 @@ import types
 import datasets
 import pytest
 
-from cispo_jax import config, data
+from cispo_jax import cli, data
+from cispo_jax.config import fields
 from cispo_jax.data import hf_data
 from cispo_jax.model.tiny import build_char_tokenizer
 from cispo_jax.task import TaskConfig, make_sources
@@ -147,7 +148,7 @@ def test_length_filter_drops_counted_or_refuses_naming_the_row(files, tmp_path, 
 
 
 def test_dataset_task_from_gin(files):
-  built = config.parse(gin_params=[
+  built = cli.parse(gin_params=[
       "TaskConfig.task = 'dataset'", f"TaskConfig.train_path = {files['dict'] + '::train'!r}",
       f"TaskConfig.eval_path = {files['dict'] + '::test'!r}", "TaskConfig.prompt_key = 'question'",
       "TaskConfig.extra_keys = ('level',)", "TaskConfig.rewards = ()"])
@@ -155,8 +156,8 @@ def test_dataset_task_from_gin(files):
   train, held = make_sources(task, seed=0)
   assert (len(train), len(held)) == (30, 10) and held[0].meta == {"level": 0}
   assert task.reward_list() == [("math_answer", 1.0)]
-  with pytest.raises(config.ConfigTypeError, match=r"TaskConfig.extra_keys expects tuple\[str, \.\.\.\] \| None"):
-    config.parse(gin_params=["TaskConfig.task = 'dataset'", "TaskConfig.train_path = 'x.parquet'",
+  with pytest.raises(fields.ConfigTypeError, match=r"TaskConfig.extra_keys expects tuple\[str, \.\.\.\] \| None"):
+    cli.parse(gin_params=["TaskConfig.task = 'dataset'", "TaskConfig.train_path = 'x.parquet'",
                              "TaskConfig.extra_keys = 'level'"])
   with pytest.raises(ValueError, match="messages_key / extra_keys map dataset columns"):
     TaskConfig(task="arithmetic", messages_key="messages")

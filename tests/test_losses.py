@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cispo_jax import losses
-from cispo_jax.losses import AGGREGATIONS, LOSS_TYPES, LossConfig, policy_loss
+from cispo_jax.model import logprobs
+from cispo_jax.rl import losses
+from cispo_jax.rl.losses import AGGREGATIONS, LOSS_TYPES, LossConfig, policy_loss
 
 B, T, L_MAX = 8, 6, 16  # 4 prompts x 2 completions; L_MAX leaves room for padded columns
 LENGTHS = np.array([6, 3, 0, 0, 4, 6, 2, 5])  # prompt "2" (rows 2, 3) has no tokens at all
@@ -385,7 +386,7 @@ def test_token_logps_and_entropy():
   logits = rng.normal(0, 3, (2, 3, 11))
   tokens = rng.integers(0, 11, (2, 3))
   for temp in (1.0, 0.7):
-    logps, ent = losses.token_logps_and_entropy(jnp.asarray(logits, jnp.bfloat16), tokens, temp)
+    logps, ent = logprobs.token_logps_and_entropy(jnp.asarray(logits, jnp.bfloat16), tokens, temp)
     assert logps.dtype == jnp.float32 and ent.dtype == jnp.float32
     z = _np(jnp.asarray(logits, jnp.bfloat16)) / temp
     logp_all = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
@@ -394,7 +395,7 @@ def test_token_logps_and_entropy():
         ..., 0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(_np(ent), -(np.exp(logp_all) * logp_all).sum(-1), rtol=1e-5)
   with pytest.raises(ValueError, match="temperature"):
-    losses.token_logps_and_entropy(jnp.asarray(logits), tokens, 0.0)
+    logprobs.token_logps_and_entropy(jnp.asarray(logits), tokens, 0.0)
 
 
 def test_a_new_loss_is_one_registered_function(batch):

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from cispo_jax.losses import LossConfig, policy_loss
+from cispo_jax.rl.losses import LossConfig, policy_loss
 from test_losses import B, T, _batch
 
 

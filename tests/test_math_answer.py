@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cispo_jax.data import Example
-from cispo_jax.passk import mean_pass_at_k, pass_at_k
+from cispo_jax.evals.passk import mean_pass_at_k, pass_at_k
 from cispo_jax.rewards import RewardConfig, RewardScorer, get_reward, math_answer
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "math_answers.jsonl")

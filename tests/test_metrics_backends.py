@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cispo_jax.metrics import MetricWriter, read_metrics
-from cispo_jax.profiler import IterationProfiler
+from cispo_jax.runtime.metrics import MetricWriter, read_metrics
+from cispo_jax.runtime.profiler import IterationProfiler
 
 
 def test_wandb_offline_logs_metrics_and_config(tmp_path, monkeypatch):

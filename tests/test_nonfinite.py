@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cispo_jax import advantages as A
-from cispo_jax import losses
+from cispo_jax.rl import advantages as A
+from cispo_jax.rl import losses
 from cispo_jax.model.tiny import random_params, tiny_config
-from cispo_jax.optim import OptimConfig, make_optimizer
-from cispo_jax.train_step import RolloutBatch, StepConfig, TrainState, train_step, update_on_rollout
+from cispo_jax.rl.optim import OptimConfig, make_optimizer
+from cispo_jax.rl.train_step import RolloutBatch, StepConfig, TrainState, train_step, update_on_rollout
 
 # ----------------------------------------------------------------------------- advantages
 

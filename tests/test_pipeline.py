@@ -9,15 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from cispo_jax import losses
-from cispo_jax.checkpoint import Checkpointer, abstract_like
-from cispo_jax.metrics import read_metrics
-from cispo_jax.optim import OptimConfig
-from cispo_jax.rollout import Rollout
+from cispo_jax.rl import losses
+from cispo_jax.runtime.checkpoint import Checkpointer, abstract_like
+from cispo_jax.runtime.metrics import read_metrics
+from cispo_jax.rl.optim import OptimConfig
+from cispo_jax.rollout.engine import Rollout
 from cispo_jax.sharding import MeshConfig
 from cispo_jax.task import TaskConfig
-from cispo_jax.rl_config import RLConfig, RolloutConfig
-from cispo_jax.trainer import Trainer
+from cispo_jax.trainer import RLConfig, RolloutConfig, Trainer
 
 # A length bonus beside the answer check gives every group reward variance (tests/user_reward_fns.py).
 TASK = TaskConfig(task="arithmetic", task_args={"max_operand": 9}, train_size=64, eval_size=8,
@@ -165,7 +164,7 @@ def test_pipeline_config_errors_name_the_field(model_dir, tmp_path):
 
 def test_rollout_record_round_trips_through_json():
   rng = np.random.default_rng(0)
-  from cispo_jax.sampling import SampleOutput
+  from cispo_jax.rollout.sampling import SampleOutput
   out = SampleOutput(*(rng.integers(0, 9, (4, 3)).astype(np.int32) for _ in range(4)),
                      rng.standard_normal((4, 3)).astype(np.float32), np.array([3, 1, 2, 3], np.int32),
                      np.array([True, False, True, True]))
@@ -184,10 +183,10 @@ def test_rollout_record_round_trips_through_json():
 def test_disaggregated_4_plus_4_run_learns_the_default_task(tmp_path):
   """The default experiment's config (bootstrap model, CISPO, 8 completions a prompt; 32 prompts an iteration, not 64) with 4 devices sampling and
   4 training (FSDP), rollouts 2 versions stale: held-out pass@1 rises within 10 iterations."""
-  from cispo_jax import config
+  from cispo_jax import cli
   from cispo_jax.bootstrap import bootstrap_model
 
-  configs = config.parse_args(["--gin_param", f"BootstrapConfig.cache_dir='{tmp_path / 'bootstrap'}'"])
+  configs = cli.parse_args(["--gin_param", f"BootstrapConfig.cache_dir='{tmp_path / 'bootstrap'}'"])
   model_dir = bootstrap_model(configs["TaskConfig"], configs["BootstrapConfig"])
   rl = configs["RLConfig"].replace(model_dir=model_dir, run_dir=str(tmp_path / "run"), total_steps=10,
                                    prompts_per_step=32, eval_every=10, eval_size=128, save_every=10, export_final=False,

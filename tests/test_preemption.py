@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cispo_jax.metrics import read_metrics
+from cispo_jax.runtime.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -9,14 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from cispo_jax import losses
-from cispo_jax.checkpoint import CheckpointError, Checkpointer, NonFiniteState, abstract_like
-from cispo_jax.metrics import MetricWriter, read_metrics
-from cispo_jax.optim import OptimConfig
+from cispo_jax.rl import losses
+from cispo_jax.runtime.checkpoint import CheckpointError, Checkpointer, NonFiniteState, abstract_like
+from cispo_jax.runtime.metrics import MetricWriter, read_metrics
+from cispo_jax.rl.optim import OptimConfig
 from cispo_jax.sharding import MeshConfig
 from cispo_jax.task import TaskConfig
-from cispo_jax.rl_config import RLConfig
-from cispo_jax.trainer import NonFiniteTraining, Trainer
+from cispo_jax.trainer import NonFiniteTraining, RLConfig, Trainer
 
 TASK = TaskConfig(task="arithmetic", task_args={"max_operand": 9}, train_size=64, eval_size=8,
                   rewards=(("final_numeric", 1.0), ("user_reward_fns:length_bonus", 0.1)))
@@ -91,7 +90,7 @@ def _three_checkpoints(tmp_path):
 
 def _restore(tmp_path, state, caplog):
   ckpt = Checkpointer(str(tmp_path / "checkpoints"), save_every=1, keep=3)
-  with caplog.at_level("WARNING", logger="cispo_jax.checkpoint"):
+  with caplog.at_level("WARNING", logger="cispo_jax.runtime.checkpoint"):
     step, restored, host = ckpt.restore_latest_good(abstract_like(state))
   ckpt.close()
   assert host["iteration"] == step

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cispo_jax import sampling
+from cispo_jax.rollout import sampling
 from cispo_jax.model import ModelConfig, forward, init_params, logical_axes
-from cispo_jax.sampling import SamplingConfig, generate
+from cispo_jax.rollout.sampling import SamplingConfig, generate
 
 V = 32
 BUCKETS = (8, 16, 32)

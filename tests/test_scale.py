@@ -10,10 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cispo_jax import losses, sharding
+from cispo_jax import sharding
+from cispo_jax.model import logprobs
+from cispo_jax.rl import losses
 from cispo_jax.model import ModelConfig
 from cispo_jax.model.logprobs import token_logps_and_entropy_chunked
-from cispo_jax.sharding.compiled import compiled_memory, single_device_mesh
+from cispo_jax.scale import memory
+from cispo_jax.scale.compiled import compiled_memory, single_device_mesh
 
 
 def _rel(a, b):
@@ -33,7 +36,7 @@ def test_chunked_logps_equal_unchunked_values_and_grads(T, chunk):
   w_logp, w_ent = jax.random.normal(k[3], (B, T)), jax.random.normal(k[4], (B, T))
 
   def unchunked(h, head):
-    return losses.token_logps_and_entropy(jnp.einsum("bte,ev->btv", h, head), tokens, temp)
+    return logprobs.token_logps_and_entropy(jnp.einsum("bte,ev->btv", h, head), tokens, temp)
 
   def chunked(h, head):
     return token_logps_and_entropy_chunked(h, head, tokens, temp, chunk=chunk)
@@ -58,7 +61,7 @@ def test_chunked_logps_never_hold_tokens_by_vocab():
   def loss(fn):
     return jax.jit(jax.grad(lambda h, w: sum(x.sum() for x in fn(h, w)), argnums=(0, 1)))
 
-  plain = loss(lambda h, w: losses.token_logps_and_entropy(h @ w, tokens))
+  plain = loss(lambda h, w: logprobs.token_logps_and_entropy(h @ w, tokens))
   chunked = loss(functools.partial(token_logps_and_entropy_chunked, tokens_BxT=tokens, chunk=chunk))
   temp = {name: f.lower(*args).compile().memory_analysis().temp_size_in_bytes
           for name, f in (("plain", plain), ("chunked", chunked))}
@@ -99,8 +102,8 @@ def test_layer_scan_memory_and_program_do_not_grow_with_depth():
 
 
 def compiled_memory_text(cfg, mesh):
-  from cispo_jax.sharding.compiled import abstract_params
-  from cispo_jax import train_step as ts
+  from cispo_jax.scale.compiled import abstract_params
+  from cispo_jax.rl import train_step as ts
   params = abstract_params(cfg, mesh)
   step_cfg = ts.StepConfig(model=cfg, loss=losses.LossConfig().resolved(), temperature=1.0, micro_batches=1,
                            num_generations=1, use_ref=False)
@@ -116,7 +119,7 @@ def compiled_memory_text(cfg, mesh):
 def test_model_with_blockwise_attention_equals_dense():
   """The whole model (training forward and KV-cache sampling) with small blocks = the dense path."""
   from cispo_jax.model import forward, init_params
-  from cispo_jax import sampling
+  from cispo_jax.rollout import sampling
 
   cfg = _SMALL.replace(num_layers=2, vocab_size=64, attention_block=8)
   params = init_params(cfg, jax.random.PRNGKey(1))
@@ -149,18 +152,18 @@ def _mesh(fsdp, tensor):
                                                      (2, 16384, 4, 2)])
 def test_planner_within_30_percent_of_xla(layers, n, fsdp, tensor):
   """plan_memory's activations vs XLA's temp bytes of the update's gradient, at Qwen2.5-0.5B shapes."""
-  cfg = sharding.QWEN25["0.5B"].replace(num_layers=layers)
+  cfg = memory.QWEN25["0.5B"].replace(num_layers=layers)
   mesh = _mesh(fsdp, tensor)
   batch = fsdp  # one sequence per batch shard
   xla = compiled_memory("loss_grad", cfg, mesh, batch=batch, prompt_len=128, n_completion=n).temp
-  plan = sharding.plan_memory(cfg, dict(mesh.shape), batch, 128 + n, completion_len=n).activations
+  plan = memory.plan_memory(cfg, dict(mesh.shape), batch, 128 + n, completion_len=n).activations
   assert abs(plan / xla - 1) <= 0.30, (plan / 2**30, xla / 2**30)
 
 
 def test_issue_target_24_layers_16k_tokens_fit_in_8_gib():
   """Qwen2.5-0.5B, one 16,384-token completion, remat on: the update's temp memory <= 8 GiB
   (it was 1,091 GiB before chunked log-probs, blockwise attention and a working remat)."""
-  cfg = sharding.QWEN25["0.5B"]
+  cfg = memory.QWEN25["0.5B"]
   assert cfg.remat and cfg.num_layers == 24
   m = compiled_memory("loss_grad", cfg, single_device_mesh(), batch=1, prompt_len=128, n_completion=16384)
   assert m.temp <= 8 * 2**30, m.temp / 2**30

@@ -4,13 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-from cispo_jax import data, losses
+from cispo_jax import data
+from cispo_jax.rl import losses
 from cispo_jax.model.tiny import build_char_tokenizer, make_tiny_model_dir
-from cispo_jax.optim import OptimConfig
+from cispo_jax.rl.optim import OptimConfig
 from cispo_jax.sharding import MeshConfig
 from cispo_jax.task import TaskConfig
-from cispo_jax.rl_config import RLConfig
-from cispo_jax.trainer import Trainer
+from cispo_jax.trainer import RLConfig, Trainer
 
 # A fine-tuning step size: Adam normalises each update, so at 1e-2 the f32 rounding of tiny gradients
 # (which differs with the reduction order of each layout) moves parameters by ~1e-5 relative.

@@ -12,6 +12,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 import multihost_worker as mw
 from cispo_jax import model, sharding
+from cispo_jax.scale import memory
 from cispo_jax.sharding import mesh as mesh_lib
 
 MESHES = {
@@ -278,33 +279,33 @@ def test_two_processes_match_one_process(tmp_path, batch):
 
 @pytest.mark.parametrize("name, billions", [("0.5B", 0.494), ("7B", 7.6), ("32B", 32.8)])
 def test_qwen25_param_counts(name, billions):
-  n = sharding.param_count(sharding.QWEN25[name])
+  n = memory.param_count(memory.QWEN25[name])
   assert abs(n / (billions * 1e9) - 1) < 0.01
 
 
 def test_plan_params_grads_optimizer():
-  cfg = sharding.QWEN25["0.5B"]  # float32 params
-  n = sharding.param_count(cfg)
-  p8 = sharding.plan_memory(cfg, {"fsdp": 8}, 8, 1024)
+  cfg = memory.QWEN25["0.5B"]  # float32 params
+  n = memory.param_count(cfg)
+  p8 = memory.plan_memory(cfg, {"fsdp": 8}, 8, 1024)
   assert abs(p8.params / (n * 4 / 8) - 1) < 0.01  # norms/biases replicated: slightly above 1/8
   assert p8.params >= n * 4 / 8
   assert p8.grads == p8.params and p8.optimizer == 2 * p8.params  # adamw: two float32 moments
-  assert sharding.plan_memory(cfg, {"fsdp": 8}, 8, 1024, optimizer="sgd").optimizer == 0
-  p24 = sharding.plan_memory(cfg, {"data": 2, "fsdp": 4}, 8, 1024)
+  assert memory.plan_memory(cfg, {"fsdp": 8}, 8, 1024, optimizer="sgd").optimizer == 0
+  p24 = memory.plan_memory(cfg, {"data": 2, "fsdp": 4}, 8, 1024)
   assert abs(p24.params / p8.params - 2) < 0.01  # data replicates params
-  bf16 = sharding.plan_memory(cfg, {"fsdp": 8}, 8, 1024, param_bytes=2)
+  bf16 = memory.plan_memory(cfg, {"fsdp": 8}, 8, 1024, param_bytes=2)
   assert bf16.params * 2 == p8.params
   with pytest.raises(ValueError, match="optimizer='adafactorz'"):
-    sharding.plan_memory(cfg, {"fsdp": 8}, 8, 1024, optimizer="adafactorz")
+    memory.plan_memory(cfg, {"fsdp": 8}, 8, 1024, optimizer="adafactorz")
 
 
 def test_plan_activations_and_kv_cache():
-  cfg = sharding.QWEN25["7B"]
-  base = sharding.plan_memory(cfg, {"fsdp": 8}, 8, 2048, rollout_batch=64, rollout_len=4096)
+  cfg = memory.QWEN25["7B"]
+  base = memory.plan_memory(cfg, {"fsdp": 8}, 8, 2048, rollout_batch=64, rollout_len=4096)
   assert base.batch_per_device == 1 and base.rollout_batch_per_device == 8
   # KV cache: 2 * L * rows * slots * kv_heads * head_dim * 2 bytes (bf16)
   assert base.kv_cache == 2 * 28 * 8 * 4096 * 4 * 128 * 2
-  tp = sharding.plan_memory(cfg, {"fsdp": 4, "tensor": 2}, 8, 2048, rollout_batch=64, rollout_len=4096)
+  tp = memory.plan_memory(cfg, {"fsdp": 4, "tensor": 2}, 8, 2048, rollout_batch=64, rollout_len=4096)
   assert tp.kv_cache == base.kv_cache  # 2x rows per device, half the kv heads
   # The docstring's formula, by hand: b=1 row, T=2048 (> the dense-attention limit of 1024^2
   # positions, so no score matrix), bf16 (a=2), no tensor split, chunked head of 1024 positions.
@@ -313,14 +314,14 @@ def test_plan_activations_and_kv_cache():
   head = int(3 * 1024 * V * 4) + E * V * 4
   unit = V * E * 4  # the embedding is the largest FSDP unit, gathered in f32
   assert base.activations == 2 * L * T * E * 2 + int(0.25 * T * layer) + head + unit
-  no_remat = sharding.plan_memory(cfg, {"fsdp": 8}, 8, 2048, remat=False)
+  no_remat = memory.plan_memory(cfg, {"fsdp": 8}, 8, 2048, remat=False)
   assert no_remat.activations == int(3.2 * L * T * layer) + head + unit
-  data_only = sharding.plan_memory(cfg, {"data": 8}, 8, 2048)
+  data_only = memory.plan_memory(cfg, {"data": 8}, 8, 2048)
   assert data_only.activations == base.activations - unit  # nothing to gather without fsdp
-  longer = sharding.plan_memory(cfg, {"fsdp": 8}, 8, 4096)
+  longer = memory.plan_memory(cfg, {"fsdp": 8}, 8, 4096)
   # Twice the tokens: with remat and a chunked head, at most twice the activations (linear in T).
   assert longer.activations - unit < 2 * (base.activations - unit)
-  dense = sharding.plan_memory(cfg.replace(attention_impl="dense"), {"fsdp": 8}, 8, 2048)
+  dense = memory.plan_memory(cfg.replace(attention_impl="dense"), {"fsdp": 8}, 8, 2048)
   assert dense.activations == base.activations + H * T * T * (4 + 2)  # one live layer's scores
   assert base.peak == base.params + base.optimizer + max(base.grads + base.activations, base.kv_cache)
 
@@ -330,7 +331,7 @@ def test_plan_params_equal_real_shard_bytes(name, placed):
   mesh, params = placed(name)
   dev0 = jax.devices()[0]
   real = sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards if s.device == dev0)
-  assert sharding.plan_memory(mw.TINY, dict(mesh.shape), 8, 8).params == real
+  assert memory.plan_memory(mw.TINY, dict(mesh.shape), 8, 8).params == real
 
 
 def test_memory_table_cli(capsys):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cispo_jax import diagnostics
+from cispo_jax.rl import diagnostics
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import sweep  # noqa: E402

@@ -8,14 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from cispo_jax import data, losses
-from cispo_jax.checkpoint import Checkpointer, abstract_like
-from cispo_jax.metrics import read_metrics
-from cispo_jax.optim import OptimConfig
+from cispo_jax import data
+from cispo_jax.rl import losses
+from cispo_jax.runtime.checkpoint import Checkpointer, abstract_like
+from cispo_jax.runtime.metrics import read_metrics
+from cispo_jax.rl.optim import OptimConfig
 from cispo_jax.sharding import MeshConfig
 from cispo_jax.task import TaskConfig
-from cispo_jax.rl_config import RLConfig, UpdateConfig
-from cispo_jax.trainer import Trainer
+from cispo_jax.trainer import RLConfig, Trainer, UpdateConfig
 
 ONE_DEVICE = MeshConfig(data=1, fsdp=1, tensor=1)
 TASK = TaskConfig(task="arithmetic", task_args={"max_operand": 9}, train_size=64, eval_size=8)

@@ -14,15 +14,15 @@ import numpy as np
 import optax
 import pytest
 
-from cispo_jax import losses
+from cispo_jax.rl import losses
 from cispo_jax.model.tiny import random_params, tiny_config
-from cispo_jax.optim import OptimConfig
+from cispo_jax.rl.optim import OptimConfig
 from cispo_jax.sharding import MeshConfig
 from cispo_jax.task import TaskConfig
-from cispo_jax.train_step import RolloutBatch, StepConfig, TrainState, epoch_permutations, update_on_rollout
-from cispo_jax.rl_config import RLConfig
-from cispo_jax.trainer import Trainer, batched_completion_logps
-from cispo_jax.update_plan import TRIM_QUANTUM, _ladder, bucket, group_quantum, plan_update
+from cispo_jax.rl.train_step import RolloutBatch, StepConfig, TrainState, epoch_permutations, update_on_rollout
+from cispo_jax.trainer import RLConfig, Trainer
+from cispo_jax.rollout.engine import batched_completion_logps
+from cispo_jax.rl.update_plan import TRIM_QUANTUM, _ladder, bucket, group_quantum, plan_update
 
 V, P, N = 32, 3, 32  # vocab, prompt width, completion width (max_new_tokens)
 G, NG = 16, 2  # groups, completions per group

@@ -18,6 +18,7 @@ import string
 from typing import Sequence
 
 from cispo_jax.data.example import Example
+from cispo_jax.data.prompts import tokenize_prompts
 
 PROMPT_FORMATS = ("raw", "chat")
 
@@ -121,8 +122,6 @@ def render_source(examples: Sequence[Example], fmt: PromptFormat, tokenizer, sou
     where = ex.origin or f"{source} example #{i}"
     out.append(dataclasses.replace(ex, prompt=render_text(ex, fmt, tokenizer, where)))
   if fmt.kind == "chat" and out:  # the sampler's tokens must be the template's own
-    from cispo_jax.data.prompts import tokenize_prompts
-
     ex = examples[0]
     want = _template_ids(tokenizer, messages_of(ex, fmt, ex.origin or source))
     got = tokenize_prompts(tokenizer, [out[0].prompt])[0]

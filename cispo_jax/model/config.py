@@ -7,6 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from cispo_jax.model.attention import IMPLS
+
 ROPE_TYPES = ("default", "linear", "llama3")
 # What a rematerialised layer keeps for the backward pass (transformer.py maps them to jax policies).
 REMAT_POLICIES = ("nothing_saveable", "save_dots", "save_dots_no_batch", "offload_dots")
@@ -60,7 +62,6 @@ class ModelConfig:
       if kind not in ROPE_TYPES:
         raise ValueError(f"ModelConfig.rope_scaling type {kind!r} is not supported; "
                          f"allowed: {', '.join(ROPE_TYPES)}")
-    from cispo_jax.model.attention import IMPLS  # here: attention.py is imported after this module
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r}; allowed: {sorted(REMAT_POLICIES)}")
     if self.attention_impl not in IMPLS:
@@ -96,3 +97,18 @@ class ModelConfig:
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRunConfig:
+  """How to run the model: overrides of the checkpoint's config (exactly hf_io.RUN_OVERRIDES, which ModelConfig
+  checks when the model is loaded)."""
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  lm_head_f32: bool = True
+  remat: bool = False  # rematerialise each layer in the backward pass
+  remat_policy: str = "nothing_saveable"  # nothing_saveable | save_dots | save_dots_no_batch | offload_dots
+  scan_unroll: int = 0  # layers per iteration of the layer scan; 0 = auto (ModelConfig.scan_unroll)
+  attention_impl: str = "auto"  # auto | dense | blockwise | cudnn | splash (model/attention.py)
+  attention_block: int = 512
+  logprob_chunk: int = 1024  # completion positions per LM-head chunk of the training log-probs

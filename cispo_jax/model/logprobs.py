@@ -16,11 +16,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cispo_jax.losses import token_logps_and_entropy
+from cispo_jax.model.config import ModelConfig
+from cispo_jax.model.transformer import hidden_states, lm_head
+from cispo_jax.sharding.mesh import constrain
+
+
+def token_logps_and_entropy(logits_BxTxV, tokens_BxT, temperature=1.0):
+  """f32 log-probs of `tokens` and entropy under softmax(logits / temperature)."""
+  if not temperature > 0:
+    raise ValueError(f"temperature={temperature} must be > 0")
+  logits = logits_BxTxV.astype(jnp.float32) / temperature
+  logz_BxT = jax.nn.logsumexp(logits, axis=-1)
+  picked_BxT = jnp.take_along_axis(logits, tokens_BxT[..., None].astype(jnp.int32), -1)[..., 0]
+  probs = jnp.exp(logits - logz_BxT[..., None])
+  entropy_BxT = logz_BxT - (probs * logits).sum(-1)
+  return picked_BxT - logz_BxT, entropy_BxT
 
 
 def _chunk_logps(h_BxCxE, head_ExV, tokens_BxC, temperature):
-  from cispo_jax.sharding.mesh import constrain  # lazy: cispo_jax.sharding imports the model
   h_BxCxE = constrain(h_BxCxE, "batch", None, None)
   logits_BxCxV = constrain(jnp.einsum("bce,ev->bcv", h_BxCxE.astype(head_ExV.dtype), head_ExV,
                                       preferred_element_type=jnp.float32), "batch", None, "vocab")
@@ -51,3 +64,16 @@ def token_logps_and_entropy_chunked(h_BxTxE, head_ExV, tokens_BxT, temperature: 
   logps_NxBxC, entropy_NxBxC = jax.lax.map(lambda args: one(*args), (h_NxBxCxE, tokens_NxBxC))
   unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]  # noqa: E731
   return unchunk(logps_NxBxC), unchunk(entropy_NxBxC)
+
+
+def completion_logps(params, model_cfg: ModelConfig, tokens_BxL, kv_valid_BxL, n_completion: int,
+                     temperature: float):
+  """Log-probs and entropies of the last n_completion tokens, as the sampler computes them.
+
+  The LM head runs in chunks of model_cfg.logprob_chunk positions (model/logprobs.py): no
+  [B, N, V] float32 array exists for a long completion.
+  """
+  h_Bx1NxE = hidden_states(params, model_cfg, tokens_BxL, kv_valid_BxL, last_n=n_completion + 1)
+  h_BxNxE = h_Bx1NxE[:, :-1]  # position t predicts token t + 1
+  return token_logps_and_entropy_chunked(h_BxNxE, lm_head(params, model_cfg), tokens_BxL[:, -n_completion:],
+                                         temperature, chunk=model_cfg.logprob_chunk)

@@ -31,6 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from cispo_jax.model.attention import attention
 from cispo_jax.model.config import REMAT_POLICIES, ModelConfig
+from cispo_jax.sharding.mesh import constrain
 
 Params = Any
 
@@ -75,7 +76,6 @@ def apply_rope(x_BxTxNxD, positions_BxT, inv_freq):
 
 
 def _constrain(x, *logical):
-  from cispo_jax.sharding.mesh import constrain  # lazy: cispo_jax.sharding imports the model
   return constrain(x, *logical)
 
 

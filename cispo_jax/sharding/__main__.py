@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cispo_jax.sharding.memory import QWEN25, plan_memory
+from cispo_jax.scale.memory import QWEN25, plan_memory
 
 # (devices, mesh shape) rows of the table.
 MESHES = (

@@ -38,7 +38,7 @@ def main():
   import jax
   import jax.numpy as jnp
 
-  from cispo_jax import config
+  from cispo_jax import cli
   from cispo_jax.bootstrap import BootstrapConfig, _sft_arrays, sft
   from cispo_jax.data import chat
   from cispo_jax.model.hf_io import save_model
@@ -46,7 +46,7 @@ def main():
   from cispo_jax.model.transformer import init_params
   from cispo_jax.task import make_sources
 
-  task = config.parse([args.gin_file])["TaskConfig"]
+  task = cli.parse([args.gin_file])["TaskConfig"]
   tok = build_char_tokenizer(chat_template=CHATML)
   tok.add_special_tokens({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]})
   train, _ = make_sources(task, seed=0)

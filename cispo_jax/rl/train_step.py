@@ -32,9 +32,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cispo_jax import diagnostics, losses
-from cispo_jax.model import ModelConfig, hidden_states, lm_head
-from cispo_jax.model.logprobs import token_logps_and_entropy_chunked
+from cispo_jax.rl import diagnostics
+from cispo_jax.rl import losses
+from cispo_jax.model import ModelConfig
+from cispo_jax.model.logprobs import completion_logps
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -68,19 +69,6 @@ class StepConfig(NamedTuple):
   micro_batches: int
   num_generations: int
   use_ref: bool
-
-
-def completion_logps(params, model_cfg: ModelConfig, tokens_BxL, kv_valid_BxL, n_completion: int,
-                     temperature: float):
-  """Log-probs and entropies of the last n_completion tokens, as the sampler computes them.
-
-  The LM head runs in chunks of model_cfg.logprob_chunk positions (model/logprobs.py): no
-  [B, N, V] float32 array exists for a long completion.
-  """
-  h_Bx1NxE = hidden_states(params, model_cfg, tokens_BxL, kv_valid_BxL, last_n=n_completion + 1)
-  h_BxNxE = h_Bx1NxE[:, :-1]  # position t predicts token t + 1
-  return token_logps_and_entropy_chunked(h_BxNxE, lm_head(params, model_cfg), tokens_BxL[:, -n_completion:],
-                                         temperature, chunk=model_cfg.logprob_chunk)
 
 
 def _loss_fn(params, mb: RolloutBatch, cfg: StepConfig, old_from_current=None):

@@ -312,18 +312,6 @@ def _kl_k3(d):
 KL_ESTIMATORS = {"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3}
 
 
-def token_logps_and_entropy(logits_BxTxV, tokens_BxT, temperature=1.0):
-  """f32 log-probs of `tokens` and entropy under softmax(logits / temperature)."""
-  if not temperature > 0:
-    raise ValueError(f"temperature={temperature} must be > 0")
-  logits = logits_BxTxV.astype(jnp.float32) / temperature
-  logz_BxT = jax.nn.logsumexp(logits, axis=-1)
-  picked_BxT = jnp.take_along_axis(logits, tokens_BxT[..., None].astype(jnp.int32), -1)[..., 0]
-  probs = jnp.exp(logits - logz_BxT[..., None])
-  entropy_BxT = logz_BxT - (probs * logits).sum(-1)
-  return picked_BxT - logz_BxT, entropy_BxT
-
-
 def _check_shape(name, x, shape):
   if x is not None and tuple(x.shape) not in shape:
     raise ValueError(f"{name} has shape {tuple(x.shape)}; allowed: {' or '.join(map(str, shape))} "

@@ -26,9 +26,9 @@ import re
 
 import numpy as np
 
-from cispo_jax.metrics import read_metrics
-from cispo_jax.operative_config import read_bindings
-from cispo_jax.stats import fit_scalerl, mean_ci
+from cispo_jax.runtime.metrics import read_metrics
+from cispo_jax.config.operative import read_bindings
+from cispo_jax.analysis.stats import fit_scalerl, mean_ci
 
 COMPUTE_AXES = ("iteration", "rollout_tokens", "update_tokens")
 EVAL_KEY = "eval/pass_at_1"

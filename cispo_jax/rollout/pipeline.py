@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from cispo_jax.rollout import Rollout, RolloutEngine
+from cispo_jax.rollout.engine import Rollout, RolloutEngine
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cispo_jax import sampling, sharding
+from cispo_jax import sharding
+from cispo_jax.rollout import sampling
 from cispo_jax.model import ModelConfig
-from cispo_jax.train_step import completion_logps
+from cispo_jax.model.logprobs import completion_logps
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "n_completion", "temperature", "micro_batches"))

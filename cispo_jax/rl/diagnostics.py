@@ -32,7 +32,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cispo_jax import losses
+from cispo_jax.rl import losses
 
 _sg = jax.lax.stop_gradient
 

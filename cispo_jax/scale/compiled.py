@@ -26,7 +26,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from cispo_jax.model import ModelConfig, logical_axes, param_shapes
-from cispo_jax.sharding.mesh import batch_sharding, param_shardings, replicated
+from cispo_jax.rl import losses
+from cispo_jax.rl import train_step as ts
+from cispo_jax.rollout import sampling
+from cispo_jax.rollout.engine import batched_completion_logps
+from cispo_jax.sharding.mesh import batch_sharding, optimizer_logical_axes, param_shardings, replicated
 
 PROGRAMS = ("loss_grad", "train_step", "logps", "sampler")
 
@@ -57,12 +61,10 @@ def abstract_params(cfg: ModelConfig, mesh: Mesh):
 
 
 def _batch(mesh, B, prompt_len, n):
-  from cispo_jax.train_step import RolloutBatch
-
   L = prompt_len + n
   row = lambda *shape, dt=jnp.float32: jax.ShapeDtypeStruct(  # noqa: E731
       shape, dt, sharding=batch_sharding(mesh, len(shape)))
-  return RolloutBatch(tokens_BxL=row(B, L, dt=jnp.int32), kv_valid_BxL=row(B, L, dt=jnp.bool_),
+  return ts.RolloutBatch(tokens_BxL=row(B, L, dt=jnp.int32), kv_valid_BxL=row(B, L, dt=jnp.bool_),
                       mask_BxN=row(B, n), old_logps_BxN=row(B, n), ref_logps_BxN=row(B, n),
                       adv_BxN=row(B, n), group_ids_B=row(B, dt=jnp.int32))
 
@@ -70,8 +72,6 @@ def _batch(mesh, B, prompt_len, n):
 def compiled_memory(program: str, cfg: ModelConfig, mesh: Mesh, *, batch: int, prompt_len: int,
                     n_completion: int, loss=None, temperature: float = 1.0) -> CompiledMemory:
   """Compile `program` (see PROGRAMS) for `batch` global sequences of prompt_len + n_completion."""
-  from cispo_jax import losses, train_step as ts
-
   if program not in PROGRAMS:
     raise ValueError(f"program={program!r}; allowed: {PROGRAMS}")
   loss = (loss or losses.LossConfig()).resolved()
@@ -83,9 +83,6 @@ def compiled_memory(program: str, cfg: ModelConfig, mesh: Mesh, *, batch: int, p
 
 
 def _compile(program, cfg, mesh, params, step_cfg, batch, prompt_len, n_completion, temperature):
-  from cispo_jax import sampling, train_step as ts
-  from cispo_jax.rollout import batched_completion_logps
-
   t0 = time.perf_counter()
   shardings = param_shardings(logical_axes(cfg), param_shapes(cfg), mesh)
   rep = replicated(mesh)
@@ -127,7 +124,6 @@ def _compile(program, cfg, mesh, params, step_cfg, batch, prompt_len, n_completi
 
 
 def _optimizer_axes(tx, cfg):
-  from cispo_jax.sharding.mesh import optimizer_logical_axes
   return optimizer_logical_axes(tx, logical_axes(cfg), param_shapes(cfg))
 
 

@@ -24,9 +24,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from cispo_jax import sampling
+from cispo_jax.rollout import sampling
 from cispo_jax.data.example import Example
-from cispo_jax.passk import mean_pass_at_k
+from cispo_jax.evals.passk import mean_pass_at_k
 
 
 def _gather(local: np.ndarray) -> np.ndarray:

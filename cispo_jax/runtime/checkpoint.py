@@ -14,6 +14,7 @@ non-finite value is never written, so the last finite checkpoint is never rotate
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -24,7 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cispo_jax.config.fields import at_least
+
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """The run state on disk (Checkpointer, below) and the exported model."""
+  save_every: int = 10  # iterations between checkpoints (and at the end)
+  keep_checkpoints: int = 2
+  export_final: bool = True  # a Hugging Face directory <run_dir>/final_model at the end
+
+  def __post_init__(self):
+    at_least(self, ("save_every", "keep_checkpoints"), 1)
 
 
 class CheckpointError(RuntimeError):

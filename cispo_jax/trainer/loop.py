@@ -1,7 +1,7 @@
 """The RL loop: prompts -> rollout -> rewards -> advantages -> old log-probs -> updates.
 
 Read top to bottom: set-up (mesh, model, sharded state, data, checkpoints), one iteration
-(`_rollout`, `_update`), eval, and `run` (the config, RLConfig and its sections: rl_config.py).
+(`_rollout`, `_update`), eval, and `run` (the config, RLConfig and its sections: trainer/config.py).
 Everything on the device is jitted once per prompt bucket; the host only tokenises, scores and logs.
 """
 
@@ -21,23 +21,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cispo_jax import advantages as adv_lib
+from cispo_jax.rl import advantages as adv_lib
 from cispo_jax import data as data_lib
-from cispo_jax import losses, sampling, sharding
-from cispo_jax.checkpoint import Checkpointer, abstract_like
-from cispo_jax.compile_cache import CompileClock
-from cispo_jax.evaluation import Evaluator
-from cispo_jax.metrics import MetricWriter, plot_curves
+from cispo_jax import sharding
+from cispo_jax.rl import losses
+from cispo_jax.rollout import sampling
+from cispo_jax.runtime.checkpoint import Checkpointer, abstract_like
+from cispo_jax.runtime.compile_cache import CompileClock
+from cispo_jax.evals.evaluator import Evaluator
+from cispo_jax.runtime.metrics import MetricWriter, plot_curves
 from cispo_jax.model import hf_io, logical_axes, param_shapes
-from cispo_jax.operative_config import bindings, record_operative_config
-from cispo_jax.optim import OptimConfig, make_optimizer
-from cispo_jax.pipeline import Pipeline
-from cispo_jax.rl_config import RLConfig, RolloutConfig
-from cispo_jax.rollout import NativeEngine, Rollout, batched_completion_logps, local_rows  # noqa: F401
-from cispo_jax.profiler import IterationProfiler
+from cispo_jax.config.operative import bindings, record_operative_config
+from cispo_jax.rl.optim import OptimConfig, make_optimizer
+from cispo_jax.rollout.pipeline import Pipeline
+from cispo_jax.rollout.config import sampling_config
+from cispo_jax.trainer.config import RLConfig
+from cispo_jax.rollout.engine import NativeEngine, Rollout, batched_completion_logps, local_rows
+from cispo_jax.runtime.profiler import IterationProfiler
 from cispo_jax.task import HELDOUT, Scorer, TaskConfig, make_sources
-from cispo_jax.update_plan import group_quantum, plan_update
-from cispo_jax.train_step import RolloutBatch, StepConfig, TrainState, epoch_permutations, update_on_rollout
+from cispo_jax.rl.update_plan import group_quantum, plan_update
+from cispo_jax.rl.train_step import RolloutBatch, StepConfig, TrainState, epoch_permutations, update_on_rollout
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +50,6 @@ def run_loss_config(loss: losses.LossConfig, rl: RLConfig) -> losses.LossConfig:
   if loss.max_completion_length is None:
     loss = dataclasses.replace(loss, max_completion_length=rl.rollout.max_new_tokens)
   return loss.resolved()
-
-
-def _sampling_config(ro: RolloutConfig, tokenizer, *, greedy: bool, n: int) -> sampling.SamplingConfig:
-  return sampling.SamplingConfig(
-      max_new_tokens=ro.max_new_tokens, temperature=1.0 if greedy else ro.temperature, greedy=greedy,
-      top_k=0 if greedy else ro.top_k, top_p=1.0 if greedy else ro.top_p,
-      min_p=0.0 if greedy else ro.min_p, stop_token_ids=(tokenizer.eos_token_id,), num_samples=n,
-      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-      prompt_buckets=tuple(ro.prompt_buckets))
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; rerun the same command to resume
@@ -144,12 +138,12 @@ class Trainer:
         apply_chat_template=ro.apply_chat_template)}
     self.stream = data_lib.PromptStream(train_src, rl.prompts_per_step, seed=rl.seed).shard(proc, nproc)
     self.scorer = Scorer(task)
-    self.train_sampling = _sampling_config(ro, self.tokenizer, greedy=False, n=ro.num_generations)
-    self.eval_sampling = _sampling_config(ro, self.tokenizer, greedy=True, n=1)
+    self.train_sampling = sampling_config(ro, self.tokenizer, greedy=False, n=ro.num_generations)
+    self.eval_sampling = sampling_config(ro, self.tokenizer, greedy=True, n=1)
     self.evaluator = Evaluator(
         lambda params, examples, key, cfg: self.eval_engine.generate(examples, key, cfg, params=params, host=True),
         self.eval_engine.local_rows, self.tokenizer, self.scorer, greedy_cfg=self.eval_sampling,
-        sampled_cfg=_sampling_config(ro, self.tokenizer, greedy=False, n=task.eval_samples) if task.eval_samples
+        sampled_cfg=sampling_config(ro, self.tokenizer, greedy=False, n=task.eval_samples) if task.eval_samples
         else None, ks=task.pass_k(), batch_size=task.eval_batch_size, seed=rl.seed)
 
     # --- jitted functions ------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Statistics for runs over seeds: Student-t intervals and ScaleRL's saturating curve fit.
 
 Pure numpy (no scipy: the t quantile is computed here from the regularised incomplete beta).
-cispo_jax/analysis.py applies them to run directories.
+cispo_jax/analysis/report.py applies them to run directories.
 
 ScaleRL's fit (arXiv:2510.13786): R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B), R0 the value at
 C = 0, A the asymptote, B the scaling exponent, C_mid the compute at half the gain.

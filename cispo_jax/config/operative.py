@@ -6,9 +6,23 @@ import json
 import logging
 import os
 
-from cispo_jax.rl_config import RENAMED
-
 log = logging.getLogger(__name__)
+
+# The gin keys of the fields RLConfig held before it was split into sections (2026-11): old -> new. History,
+# so written out: a field added since was never an RLConfig key (tests/test_config.py checks each new key).
+_SECTION_FIELDS = {
+    "RolloutConfig": ("num_generations", "max_new_tokens", "temperature", "top_k", "top_p", "min_p",
+                      "apply_chat_template", "prompt_buckets", "max_staleness", "rollout_devices",
+                      "behaviour_logps", "weight_sync_every"),
+    "UpdateConfig": ("num_iterations", "num_minibatches", "micro_batches", "advantage", "filter_zero_variance",
+                     "tis_cap", "max_nonfinite_skips", "compact_groups", "trim_completions", "old_logps_in_update"),
+    "EvalConfig": ("eval_every", "eval_size"),
+    "CheckpointConfig": ("save_every", "keep_checkpoints", "export_final"),
+    "ModelRunConfig": ("dtype", "param_dtype", "lm_head_f32", "remat", "remat_policy", "scan_unroll",
+                       "attention_impl", "attention_block", "logprob_chunk"),
+}
+RENAMED: dict[str, str] = {f"RLConfig.{field}": f"{section}.{field}"
+                           for section, fields in _SECTION_FIELDS.items() for field in fields}
 
 
 def record_operative_config(run_dir: str, operative: str, *, resuming: bool, allow_change: bool,
@@ -47,9 +61,9 @@ def bindings(text: str) -> dict[str, str]:
   """'Config.field = value' lines of an operative config (comments and blank lines ignored).
 
   A file written before RLConfig was split into sections reads under the new keys (`RLConfig.temperature`
-  as `RolloutConfig.temperature`, rl_config.RENAMED): a run started then resumes without a spurious config
+  as `RolloutConfig.temperature`, RENAMED): a run started then resumes without a spurious config
   change, and analysis finds its settings. This is only for what a run recorded; a gin file or flag that
-  binds an old key is refused (config.py)."""
+  binds an old key is refused (cli.py)."""
   out = {}
   for line in text.splitlines():
     if line.strip() and not line.lstrip().startswith("#") and " = " in line:

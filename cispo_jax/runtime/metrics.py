@@ -44,7 +44,7 @@ class MetricWriter:
         if hparams:
           self._tb.add_text("config", "\n".join(f"    {k} = {v}" for k, v in hparams.items()), 0)
       if wandb_project:
-        from cispo_jax.metrics_wandb import WandbSink
+        from cispo_jax.runtime.metrics_wandb import WandbSink
         self._wandb = WandbSink(run_dir, wandb_project, dict(hparams or {}), resume_from)
 
   def write(self, iteration: int, metrics: Mapping[str, float]):

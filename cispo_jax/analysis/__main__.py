@@ -1,0 +1,4 @@
+from cispo_jax.analysis.report import main
+
+if __name__ == "__main__":
+  main()

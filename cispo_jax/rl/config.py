@@ -1,0 +1,52 @@
+"""UpdateConfig: from a scored rollout to new params (advantages, then the optimizer steps on it)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cispo_jax.config.fields import at_least
+from cispo_jax.rl.advantages import ADVANTAGE_ESTIMATORS
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+  """From a scored rollout to new params: advantages, then num_iterations passes of num_minibatches optimizer
+  steps. Names follow TRL where they exist (num_iterations)."""
+  num_iterations: int = 2  # passes over each rollout; > 1 makes the policy ratio depart from 1
+  num_minibatches: int = 2  # optimizer steps per pass
+  micro_batches: int = 1  # gradient accumulation inside each optimizer step
+  advantage: str = "grpo"  # see advantages.ADVANTAGE_ESTIMATORS
+  filter_zero_variance: bool = True  # groups whose rewards are all equal carry no signal
+  tis_cap: float = 0.0  # > 0: truncated IS correction min(pi_old / pi_sampler, cap) on the advantages
+  max_nonfinite_skips: int = 10  # optimizer steps in a row skipped for a NaN/inf loss or gradient before the run stops
+  # Update work that carries no gradient (each switch leaves the loss and gradient unchanged up to f32 rounding;
+  # tests/test_update_work.py):
+  # compact_groups: groups with mask 0 everywhere (filter_zero_variance's all-equal groups) leave the update batch
+  #   (and the old/reference log-prob forwards). Each minibatch keeps exactly the weighted groups the masked full
+  #   batch would give it (the update's shuffle is drawn on the host from the same key) and is padded with
+  #   zero-weight groups to a bucket: quantum * {1, 2, 3, 4, 6, 8, 12, ...}, the quantum being the smallest group
+  #   count that splits into micro_batches and over the data x fsdp devices; the full size when that is reached.
+  #   Every aggregation's sums and denominators (Dr.GRPO's constant included), the KL and the entropy terms see
+  #   masked tokens only, so dropping them changes nothing. A few update programs get compiled (one per bucket).
+  #   With micro_batches > 1 the train/ token-mean metrics (ratio_mean, kl_ref, entropy, pg_loss, ...), which are
+  #   averaged per micro-batch, can shift because other groups share a micro-batch; train/loss and the gradient
+  #   do not. logp_gap/sampler_vs_trainer is measured on the tokens that enter the loss (either way).
+  compact_groups: bool = True
+  # trim_completions: the update's completion axis (and the token / kv arrays) cut to 8 * {1, 2, 3, 4, 6, ...}
+  #   positions >= the longest completion that enters the loss (capped at max_new_tokens). The positions cut are
+  #   padding after every kept completion stopped; attention is causal, so the others do not change.
+  trim_completions: bool = True
+  # old_logps_in_update: with num_minibatches == 1 and tis_cap == 0 the first optimizer step's forward runs the
+  #   params the rollout was sampled with on every row: it gives the old log-probs (stop_gradient, ratio exactly 1)
+  #   and the separate old-log-prob forward is skipped (the reference forward for a KL stays). The old log-probs
+  #   then come from the training forward itself rather than from a second program: equal to f32 rounding in
+  #   float32 (at bf16, within the compute dtype's rounding, and the first step's ratio is exactly 1). TIS needs
+  #   them on the host before the update, and a later minibatch needs the pre-update params: then the separate
+  #   forward runs as before. logp_gap/sampler_vs_trainer is computed after the update then. Not with a stale
+  #   rollout (RolloutConfig.max_staleness > 0): its old log-probs are the behaviour policy's.
+  old_logps_in_update: bool = True
+
+  def __post_init__(self):
+    at_least(self, ("num_iterations", "num_minibatches", "micro_batches", "max_nonfinite_skips"), 1)
+    if self.advantage not in ADVANTAGE_ESTIMATORS:
+      raise ValueError(f"UpdateConfig.advantage={self.advantage!r}; allowed: {sorted(ADVANTAGE_ESTIMATORS)}")

@@ -1,0 +1,73 @@
+"""RolloutConfig: how the rollout samples (the group, temperature, filters, prompt buckets) and, pipelined,
+by which policy version on which devices; `sampling_config` turns it into the sampler's static config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cispo_jax.config.fields import at_least
+from cispo_jax.rollout.sampling import SamplingConfig
+
+BEHAVIOUR_LOGPS = ("recompute", "sampler")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """Sampling the rollout: the group of completions per prompt, how they are sampled, and (pipelined) by
+  which policy version on which devices. Names follow TRL where they exist (num_generations)."""
+  # Completions per prompt (the group). Here, not in UpdateConfig: it is what the sampler draws; the
+  # advantages and the update take the group size of the rollout they get.
+  num_generations: int = 8
+  max_new_tokens: int = 8
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
+  apply_chat_template: bool = False
+  prompt_buckets: tuple = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # padded prompt lengths (one program each)
+  # Pipelined off-policy RL (pipeline.py). The rollout of iteration i is sampled by the policy of iteration
+  # max(0, i - max_staleness) while the updates in between run; 0 = the synchronous loop (sample, then update).
+  max_staleness: int = 0
+  # > 0: the first rollout_devices devices sample (a rollout sub-mesh, FSDP over them) and the rest train
+  # (the run's MeshConfig applies to those); weights are copied over after each update (or each
+  # weight_sync_every-th). 0 = colocated.
+  rollout_devices: int = 0
+  # The old log-probs of a stale rollout (the behaviour policy's): "recompute" = a training forward at the
+  # version that sampled it, on the rollout devices; "sampler" = the sampler's own log-probs.
+  behaviour_logps: str = "recompute"
+  # Pipelined: the rollout engine gets the trainer's weights after every k-th update only (k = 1: after each).
+  # Rollout i is then sampled by version max(0, k * floor((i - max_staleness) / k)): staleness s .. s + k - 1,
+  # and 1/k of the weight transfers (a cross-mesh or cross-host copy of the whole model each).
+  weight_sync_every: int = 1
+
+  def __post_init__(self):
+    at_least(self, ("num_generations", "max_new_tokens", "weight_sync_every"), 1)
+    if not self.temperature > 0:
+      raise ValueError(f"RolloutConfig.temperature={self.temperature}; must be > 0")
+    at_least(self, ("max_staleness", "rollout_devices"), 0)
+    if self.behaviour_logps not in BEHAVIOUR_LOGPS:
+      raise ValueError(f"RolloutConfig.behaviour_logps={self.behaviour_logps!r}; allowed: {list(BEHAVIOUR_LOGPS)}")
+    if self.weight_sync_every > 1 and not self.pipelined:
+      raise ValueError(f"RolloutConfig.weight_sync_every={self.weight_sync_every} needs a pipelined run "
+                       "(RolloutConfig.max_staleness > 0 or RolloutConfig.rollout_devices > 0): the synchronous "
+                       "loop samples with the trainer's own weights")
+
+  @property
+  def pipelined(self) -> bool:
+    """Rollouts come from a producer thread (pipeline.py) rather than in line."""
+    return self.max_staleness > 0 or self.rollout_devices > 0
+
+  @property
+  def stale(self) -> bool:
+    """Whether a rollout can be sampled by an older policy version than the one that trains on it."""
+    return self.max_staleness > 0 or self.weight_sync_every > 1
+
+
+def sampling_config(ro: RolloutConfig, tokenizer, *, greedy: bool, n: int) -> SamplingConfig:
+  """The sampler's config for rollouts (greedy=False, n=num_generations) or greedy eval (greedy=True, n=1)."""
+  return SamplingConfig(
+      max_new_tokens=ro.max_new_tokens, temperature=1.0 if greedy else ro.temperature, greedy=greedy,
+      top_k=0 if greedy else ro.top_k, top_p=1.0 if greedy else ro.top_p,
+      min_p=0.0 if greedy else ro.min_p, stop_token_ids=(tokenizer.eos_token_id,), num_samples=n,
+      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+      prompt_buckets=tuple(ro.prompt_buckets))
