@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--k", default=None, help="TaskConfig.eval_k, comma-separated, e.g. 1,4,8")
   p.add_argument("--batch_size", type=int, default=None, help="TaskConfig.eval_batch_size: prompts per call")
   p.add_argument("--reward", default=None, help="the pass reward (TaskConfig.rewards), e.g. math_answer")
-  p.add_argument("--gin_file", action="append", default=None, help="gin file (repeatable); default: configs/default.gin")
+  p.add_argument("--gin_file", action="append", default=None, help="gin file (repeatable); default: config/default.gin")
   p.add_argument("--gin_param", action="append", default=[], help="gin binding, e.g. TaskConfig.prompt_format='chat'")
   for flag in SAMPLING_FLAGS:
     p.add_argument(f"--{flag}", default=None, help=f"shorthand for {cli.SHORTHANDS[flag]}")

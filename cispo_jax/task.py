@@ -52,7 +52,7 @@ class TaskConfig:
   prompt_template: str = "{prompt}"  # str.format with {prompt} and the example's meta fields
   system_prompt: str = ""
   few_shot: tuple[tuple[str, str], ...] = ()  # (question, answer) pairs shown before each prompt
-  # Evaluation (evaluation.py): in training every EvalConfig.eval_every, and `python -m cispo_jax.evaluate`.
+  # Evaluation (evals/evaluator.py): in training every EvalConfig.eval_every, and `python -m cispo_jax.evaluate`.
   eval_sets: dict[str, str] = dataclasses.field(default_factory=dict)  # more held-out sets: name -> path
   eval_samples: int = 0  # completions sampled per eval prompt for pass@k; 0 = greedy pass@1 only
   eval_k: tuple[int, ...] = ()  # the k of sampled pass@k, each <= eval_samples; () = (1, eval_samples)

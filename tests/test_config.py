@@ -101,6 +101,17 @@ def test_operative_config_names_each_field_once_under_its_section_and_parses_bac
   assert all(rebuilt[name] == built[name] for name in cli.CONFIG_CLASSES)
 
 
+def test_renamed_keys_are_the_sections_fields():
+  """RENAMED is history, written out (config/operative.py): each old RLConfig key maps to the same field name
+  in a section that still has it, and none is a field RLConfig still holds itself."""
+  import dataclasses
+  fields = {f"{cls.__name__}.{f.name}" for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
+  assert set(RENAMED.values()) <= fields
+  assert all(old == f"RLConfig.{new.split('.')[1]}" for old, new in RENAMED.items())
+  own = {f.name for f in dataclasses.fields(RLConfig)}
+  assert not {old.split(".")[1] for old in RENAMED} & own
+
+
 @pytest.mark.parametrize("old", sorted(RENAMED))
 def test_every_old_rl_config_key_is_refused_with_its_new_name(old):
   with pytest.raises(ValueError, match=rf"--gin_param '{old} = 1': {old} is now {RENAMED[old]}$"):
@@ -146,7 +157,7 @@ def test_a_run_dir_recorded_before_the_split_resumes_and_reads_under_the_new_key
 
 
 def test_gin_include_probes_are_not_logged_as_errors(tmp_path, caplog):
-  """An include found on the search path (configs/) after gin probed the working directory logs no
+  """An include found on the search path (cispo_jax/config/) after gin probed the working directory logs no
   'ERROR Path not found'; an include found nowhere still fails, naming the file."""
   exp = tmp_path / "exp.gin"
   exp.write_text("include 'default.gin'\nRLConfig.seed = 3\n")

@@ -65,47 +65,55 @@ def _coerce(value, hint):
     raise _Mismatch("")
   origin, args = typing.get_origin(hint), typing.get_args(hint)
   if origin in (typing.Union, types.UnionType):
-    if value is None and type(None) in args:
-      return None
-    # A member the value already is wins (int | float keeps 2 an int); then any that converts.
-    for member in args:
-      if isinstance(member, type) and not typing.get_args(member) and type(value) is member:
-        return value
-    hints = []
-    for member in args:
-      try:
-        return _coerce(value, member)
-      except _Mismatch as e:
-        hints.append(str(e))
-    raise _Mismatch("; ".join(h for h in dict.fromkeys(hints) if h))
+    return _coerce_union(value, args)
   if origin is typing.Literal:
     for allowed in args:
       if type(value) is type(allowed) and value == allowed:
         return value
     raise _Mismatch("")
+  if hint in (bool, int, float, str):
+    return _coerce_scalar(value, hint)
+  return _coerce_container(value, origin if origin is not None else hint, args)
+
+
+def _coerce_union(value, members):
+  if value is None and type(None) in members:
+    return None
+  # A member the value already is wins (int | float keeps 2 an int); then any that converts.
+  for member in members:
+    if isinstance(member, type) and not typing.get_args(member) and type(value) is member:
+      return value
+  hints = []
+  for member in members:
+    try:
+      return _coerce(value, member)
+    except _Mismatch as e:
+      hints.append(str(e))
+  raise _Mismatch("; ".join(h for h in dict.fromkeys(hints) if h))
+
+
+def _coerce_scalar(value, hint):
   if hint is bool:
     if isinstance(value, (bool, np.bool_)):
       return bool(value)
     raise _Mismatch("only True or False (unquoted) is a bool")
-  if hint is int:
-    if isinstance(value, (bool, np.bool_)):
-      raise _Mismatch("a bool is not an int")
-    if isinstance(value, numbers.Integral):
-      return int(value)
-    if isinstance(value, float) and value.is_integer():
-      raise _Mismatch(f"a float is not an int, write {int(value)}")
-    return _raise_text_hint(value)
-  if hint is float:
-    if isinstance(value, (bool, np.bool_)):
-      raise _Mismatch("a bool is not a number")
-    if isinstance(value, numbers.Real):
-      return float(value)
-    return _raise_text_hint(value)
   if hint is str:
     if isinstance(value, str):
       return value
     raise _Mismatch("quote a string value")
-  container = origin if origin is not None else hint
+  if isinstance(value, (bool, np.bool_)):
+    raise _Mismatch("a bool is not an int" if hint is int else "a bool is not a number")
+  if hint is int:
+    if isinstance(value, numbers.Integral):
+      return int(value)
+    if isinstance(value, float) and value.is_integer():
+      raise _Mismatch(f"a float is not an int, write {int(value)}")
+  elif isinstance(value, numbers.Real):  # a float field
+    return float(value)
+  return _raise_text_hint(value)
+
+
+def _coerce_container(value, container, args):
   if container in (tuple, list, collections.abc.Sequence):
     if not isinstance(value, (tuple, list)):
       raise _Mismatch("")

@@ -9,7 +9,7 @@ import os
 log = logging.getLogger(__name__)
 
 # The gin keys of the fields RLConfig held before it was split into sections (2026-11): old -> new. History,
-# so written out: a field added since was never an RLConfig key (tests/test_config.py checks each new key).
+# so written out rather than derived from today's sections (tests/test_config.py checks each still exists).
 _SECTION_FIELDS = {
     "RolloutConfig": ("num_generations", "max_new_tokens", "temperature", "top_k", "top_p", "min_p",
                       "apply_chat_template", "prompt_buckets", "max_staleness", "rollout_devices",

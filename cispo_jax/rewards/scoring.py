@@ -24,41 +24,31 @@ magnitude than RewardConfig.max_abs_reward (see MAX_ABS_REWARD).
 
 from __future__ import annotations
 
-import atexit
 import collections
 import dataclasses
 import logging
 import math
-import os
-import queue
-import signal
-import subprocess
-import sys
 import threading
 import time
-from multiprocessing.connection import Connection
 from typing import Any, Sequence
 
 import numpy as np
 
 from cispo_jax.data.example import Example
 from cispo_jax.rewards.registry import get_reward, importable_ref
-from cispo_jax.rewards.worker import OUT_OF_MEMORY, run_items
+from cispo_jax.rewards.runners import DIED, TIMEOUT, MEMORY_LIMIT_MB, ProcessRunner, ThreadRunner
+from cispo_jax.rewards.worker import OUT_OF_MEMORY
 
 ISOLATIONS = ("process", "thread", "none")
 MAX_ABS_REWARD = 1e6
 """Default RewardConfig.max_abs_reward: a reward beyond +-1e6 is taken for a bug (a verifier
 returning a count, an id, an overflow), given 0 and counted as an error rather than allowed to
 swamp the group's advantages; verifiable rewards are O(1). Raise it per config if you mean it."""
-MEMORY_LIMIT_MB = 4096
-"""Default RewardConfig.memory_limit_mb: the process worker's address-space cap (RLIMIT_AS),
-4 GiB. The worker needs ~0.2 GiB (Python, numpy, sympy); BLAS/OpenMP thread pools, which reserve
-address space per thread, are held to one thread there unless the environment says otherwise."""
 _LOGGED_EXAMPLES = 3  # failures quoted per reward and kind in each warning
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 STARTUP_TIMEOUT_S = 120.0  # interpreter start plus importing the reward modules (sympy...)
 _MIN_BOOT_S = 10.0  # a restart late in a batch still gets this long to boot
-_TIMEOUT, _DIED, _RECYCLE = object(), object(), object()
+_RECYCLE = object()
 _log = logging.getLogger(__name__)
 
 
@@ -120,144 +110,6 @@ def reward_value_error(value: float, max_abs: float) -> str | None:
   return None
 
 
-# Library thread pools reserve address space per thread; under the worker's RLIMIT_AS a
-# 100-core host would otherwise fail in `import numpy`. Rewards run one at a time anyway.
-_WORKER_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                        "MALLOC_ARENA_MAX": "2"}
-
-
-class _ProcessRunner:
-  """A reusable worker interpreter; killed and restarted when an evaluation hangs.
-
-  The worker leads its own session (start_new_session), so killing its process group
-  also kills whatever the reward functions started.
-  """
-
-  recycle_after_oom = True
-
-  def __init__(self, memory_limit_mb: int | None = MEMORY_LIMIT_MB):
-    self.proc: subprocess.Popen | None = None
-    self.memory_limit_mb = memory_limit_mb
-    self.restarts = 0
-    atexit.register(self.close)
-
-  def start(self) -> None:
-    if self.proc is not None:
-      return
-    to_worker_r, to_worker_w = os.pipe()
-    from_worker_r, from_worker_w = os.pipe()
-    env = {**_WORKER_ENV_DEFAULTS, **os.environ,
-           "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
-    code = "import sys; from cispo_jax.rewards.worker import main; main(*map(int, sys.argv[1:5]))"
-    # subprocess forks and execs at once (no Python between them), so JAX threads are safe.
-    self.proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(to_worker_r), str(from_worker_w), str(os.getpid()),
-         str(self.memory_limit_mb or 0)],
-        pass_fds=(to_worker_r, from_worker_w), stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    os.close(to_worker_r)
-    os.close(from_worker_w)
-    self.outbox = Connection(to_worker_w, readable=False)
-    self.inbox = Connection(from_worker_r, writable=False)
-    self.ready = False
-
-  def _recv(self, timeout: float):
-    if not self.inbox.poll(max(timeout, 0.0)):
-      return _TIMEOUT
-    try:
-      return self.inbox.recv()
-    except (EOFError, OSError):
-      return _DIED
-
-  def submit(self, refs, completions, examples, start: int, boot_s: float) -> Any:
-    """Sends a job; returns None once the worker has loaded the rewards, else _DIED/_TIMEOUT."""
-    self.start()
-    boot_deadline = time.monotonic() + boot_s
-    if not self.ready:
-      reply = self._recv(boot_s)
-      if reply is not _TIMEOUT and reply is not _DIED:
-        self.ready = True
-      else:
-        return reply
-    try:
-      self.outbox.send(("job", refs, completions, examples, start))
-    except (BrokenPipeError, OSError):
-      return _DIED
-    reply = self._recv(boot_deadline - time.monotonic())
-    return None if reply == ("resolved",) else reply
-
-  def get(self, timeout: float):
-    return self._recv(timeout)
-
-  def restart(self) -> None:
-    self.close()
-    self.restarts += 1
-    self.start()  # starts booting now, so the next submit waits less
-
-  def _kill_group(self) -> None:
-    """SIGKILL the worker and everything in its process group. Sent before the worker is
-    reaped, so its pid (the group's id) cannot have been reused by then."""
-    try:
-      os.killpg(self.proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):  # the group is gone already
-      pass
-
-  def exit_note(self) -> str:
-    self._kill_group()  # what the dead worker's rewards started goes with it
-    try:
-      code = self.proc.wait(timeout=1.0)
-    except subprocess.TimeoutExpired:
-      code = None
-    limit = f"; its memory limit is {self.memory_limit_mb} MiB" if self.memory_limit_mb else ""
-    return f"reward worker died (exit code {code}{limit})"
-
-  def close(self) -> None:
-    if self.proc is None:
-      return
-    for conn in (self.outbox, self.inbox):
-      conn.close()
-    if self.proc.returncode is None:  # not reaped yet: the group id is still ours
-      self._kill_group()  # a stuck reward would never see the closed pipe; its children neither
-    self.proc.kill()
-    self.proc.wait()
-    self.proc = None
-
-
-class _ThreadRunner:
-  """Evaluates in a daemon thread; a hung one is abandoned with its private queue."""
-
-  recycle_after_oom = False  # the memory is the trainer's own: nothing to replace
-  memory_limit_mb = None
-
-  def __init__(self, inline: bool = False):
-    self.inline = inline
-    self.restarts = 0
-    self.results: queue.Queue = queue.Queue()
-
-  def submit(self, fns, completions, examples, start: int, boot_s: float) -> None:
-    self.results = queue.Queue()
-    if self.inline:
-      run_items(fns, completions, examples, start, lambda *r: self.results.put(r))
-    else:
-      threading.Thread(target=run_items, daemon=True, name="reward",
-                       args=(fns, completions, examples, start, lambda *r, q=self.results: q.put(r))).start()
-
-  def get(self, timeout: float):
-    try:
-      return self.results.get(timeout=max(timeout, 0.0))
-    except queue.Empty:
-      return _TIMEOUT
-
-  def restart(self) -> None:
-    self.restarts += 1
-    self.results = queue.Queue()
-
-  def exit_note(self) -> str:
-    return "reward thread died"
-
-  def close(self) -> None:
-    pass
-
-
 def _evaluate(runner, jobs, names, completions, examples, timeout_s, batch_timeout_s,
               max_abs_reward=MAX_ABS_REWARD):
   """values_NxR plus per-pair failures {flat: (kind, message)}; drives the runner to the end."""
@@ -278,7 +130,7 @@ def _evaluate(runner, jobs, names, completions, examples, timeout_s, batch_timeo
         STARTUP_TIMEOUT_S, max(deadline - time.monotonic(), _MIN_BOOT_S))
     outcome = runner.submit(jobs, completions, examples, flat, boot_s)
     if outcome is not None:  # cannot even load the rewards: retrying per item would not help
-      kind = "timeout" if outcome is _TIMEOUT else "error"
+      kind = "timeout" if outcome is TIMEOUT else "error"
       limit = f"; its memory limit is {runner.memory_limit_mb} MiB" if runner.memory_limit_mb else ""
       fail_rest(flat, kind, f"reward worker did not start and load the rewards ({kind}{limit})")
       runner.restart()
@@ -286,7 +138,7 @@ def _evaluate(runner, jobs, names, completions, examples, timeout_s, batch_timeo
     while flat < total:
       left = timeout_s if deadline is None else min(timeout_s, deadline - time.monotonic())
       result = runner.get(left)
-      if result is _TIMEOUT or result is _DIED:
+      if result is TIMEOUT or result is DIED:
         outcome = result
         break
       index, value, error = result
@@ -308,7 +160,7 @@ def _evaluate(runner, jobs, names, completions, examples, timeout_s, batch_timeo
       runner.restart()
       continue
     # `flat` is the pair whose result never came: it hung or killed its process.
-    if outcome is _DIED:
+    if outcome is DIED:
       failures[flat] = ("error", runner.exit_note())
     else:
       failures[flat] = ("timeout", f"no result within {timeout_s:g}s")
@@ -354,15 +206,15 @@ class RewardScorer:
     self.weights = np.asarray([w for _, w in config.rewards], np.float32)
     self._lock = threading.Lock()
     if config.isolation == "process":
-      self.runner = _ProcessRunner(config.memory_limit_mb)
+      self.runner = ProcessRunner(config.memory_limit_mb)
       self.jobs = [importable_ref(name) for name in self.names]
     else:
-      self.runner = _ThreadRunner(inline=config.isolation == "none")
+      self.runner = ThreadRunner(inline=config.isolation == "none")
       self.jobs = [get_reward(name) for name in self.names]
 
   def start(self) -> None:
     """Boots the worker in the background (no-op for thread/none)."""
-    if isinstance(self.runner, _ProcessRunner):
+    if isinstance(self.runner, ProcessRunner):
       self.runner.start()
 
   def score(self, completions: Sequence[str], examples: Sequence[Example]) -> tuple[np.ndarray, dict[str, Any]]:
