@@ -311,7 +311,7 @@ def _ours_worker(conn, a: dict, model_dir: str):
   trainer = Trainer(rl, loss, optim, sharding.MeshConfig(fsdp=1), task, devices=jax.devices()[:1])
 
   # UpdateConfig.old_logps_in_update: the old log-probs come out of the update's first forward (no separate pass).
-  old_separate = not getattr(trainer, "old_logps_in_update", False)
+  old_separate = not trainer.fns.old_logps_in_update
   seen: dict = {}
   generate = getattr(trainer, "_generate", None)
   if generate is not None:  # the lengths and padded shapes for the FLOP count

@@ -249,7 +249,7 @@ def _torch_logits(model_dir, ids):
 
 def test_tied_config_with_its_own_lm_head_is_untied_like_transformers(tmp_path, caplog):
   from cispo_jax.model import forward
-  from cispo_jax.model.hf_io import _read_json, config_from_hf_dict
+  from cispo_jax.model.hf_io.config import _read_json, config_from_hf_dict
 
   d = make_tiny_model_dir(str(tmp_path / "tied"), tie_word_embeddings=True)
   weights = os.path.join(d, "model.safetensors")

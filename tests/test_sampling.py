@@ -230,9 +230,22 @@ def test_batch_sharding_matches_single_device(model, prompts):
     ref = generate(params, cfg, tok, msk, jax.random.PRNGKey(5), sc)
     out = generate(sharded, cfg, tok, msk, jax.random.PRNGKey(5), sc, batch_sharding=batch)
     assert out.tokens_BxN.sharding.is_equivalent_to(batch, 2)
-    np.testing.assert_array_equal(out.tokens_BxN, ref.tokens_BxN)
-    # Sharded matmuls sum in another order: f32 rounding (seen: 4e-5 after 8 decode steps).
-    np.testing.assert_allclose(out.logps_BxN, ref.logps_BxN, atol=1e-4)
+    _assert_same_samples_up_to_rounding(out, ref)
+
+
+def _assert_same_samples_up_to_rounding(out, ref, max_diverged=2):
+  """Sharded matmuls sum in another order, so the logits differ by f32 rounding (seen: 4e-5 in the
+  log-probs after 8 decode steps). Rarely that flips a token at a filter's edge (top-p / min-p cut
+  or a near-tie; seen on another CPU: 1 row of 64), and the row differs from there on. So: every
+  row equals the reference up to its first differing token, at most `max_diverged` rows differ at
+  all (a wrong key or row order would change nearly every row), and the log-probs agree on the
+  common prefix."""
+  got, want = np.asarray(out.tokens_BxN), np.asarray(ref.tokens_BxN)
+  differs = got != want
+  first = np.where(differs.any(1), differs.argmax(1), got.shape[1])  # first differing position per row
+  assert (differs.any(1)).sum() <= max_diverged, np.flatnonzero(differs.any(1))
+  common = np.arange(got.shape[1])[None, :] < first[:, None]
+  np.testing.assert_allclose(np.where(common, out.logps_BxN, 0), np.where(common, ref.logps_BxN, 0), atol=1e-4)
 
 
 def test_text_helpers_roundtrip():

@@ -254,7 +254,7 @@ def test_trainer_compacts_on_a_sharded_mesh_with_the_same_results(model_dir, tmp
   want_params = jax.device_get(off.state.params)
   off.close()
   on = _trainer(model_dir, tmp_path / "on")
-  assert on.old_logps_in_update and on.group_quantum == 4  # 2 micro-batches of 2-row groups over 4 devices
+  assert on.fns.old_logps_in_update and on.fns.group_quantum == 4  # 2 micro-batches of 2-row groups over 4 devices
   got = on.step()
   assert got["reward/mean"] == want["reward/mean"] and 0 < got["groups/kept_frac"] < 0.5
   assert want["update/rows"] == 32 and got["update/rows"] == 8  # <= 4 kept groups -> the 4-group bucket
@@ -268,7 +268,7 @@ def test_trainer_compacts_on_a_sharded_mesh_with_the_same_results(model_dir, tmp
   for _ in range(2):
     m = on.step()
     rows, width = int(m["update/rows"]), int(m["update/completion_width"])
-    assert rows % (on.group_quantum * 2) == 0 and rows <= 32 and width in (8,), (rows, width)
+    assert rows % (on.fns.group_quantum * 2) == 0 and rows <= 32 and width in (8,), (rows, width)
     seen.add((rows, width))
-  assert on._update._cache_size() == len(seen) <= 2
+  assert on.fns.update._cache_size() == len(seen) <= 2
   on.close()

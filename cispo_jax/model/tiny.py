@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from cispo_jax.model.config import ModelConfig
-from cispo_jax.model.hf_io import _NP_DTYPES, _rope_from_hf, save_model
+from cispo_jax.model.hf_io import save_model
+from cispo_jax.model.hf_io.config import _NP_DTYPES, _rope_from_hf
 from cispo_jax.model.transformer import param_shapes
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"

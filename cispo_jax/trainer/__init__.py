@@ -3,4 +3,5 @@ section per stage). The sections are re-exported here so a script builds a run f
 
 from cispo_jax.trainer.config import (SECTIONS, CheckpointConfig, EvalConfig, ModelRunConfig, RLConfig,
                                       RolloutConfig, UpdateConfig)
-from cispo_jax.trainer.loop import EXIT_PREEMPTED, NonFiniteTraining, Trainer, run_loss_config
+from cispo_jax.trainer.loop import EXIT_PREEMPTED, Trainer, run_loss_config
+from cispo_jax.trainer.signals import NonFiniteTraining

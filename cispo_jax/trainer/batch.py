@@ -1,0 +1,70 @@
+"""From a scored rollout to the update's input: which rows and how wide (the plan), those rows gathered
+on the devices, and the device programs beside them (the sampler-vs-trainer gap, TIS).
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cispo_jax import sharding
+from cispo_jax.rl.update_plan import UpdatePlan, plan_update
+
+
+def plan(rl, keep_B: np.ndarray, lengths_B: np.ndarray, width: int, perms, quantum: int) -> UpdatePlan:
+  """plan_update on the host's keep flags and lengths (`perms`: the update's shuffle, compact_groups),
+  checked to be the same on every process: it is a pure function of global data."""
+  up, n = rl.update, rl.rollout.num_generations
+  result = plan_update(keep_B[::n], np.arange(width)[None, :] < lengths_B[:, None], perms, num_generations=n,
+                       num_minibatches=up.num_minibatches, quantum=quantum, compact=up.compact_groups,
+                       trim=up.trim_completions)
+  if jax.process_count() > 1:
+    crc = lambda x: zlib.crc32(np.ascontiguousarray(x, np.int32).tobytes()) & 0x7FFFFFFF  # noqa: E731 (int32)
+    mine = np.array([result.width, result.groups_per_minibatch, crc(result.rows),
+                     0 if result.order is None else crc(result.order)], np.int32)
+    if (sharding.allgather_host(mine).reshape(-1, len(mine)) != mine).any():
+      raise RuntimeError(f"processes disagree on the update batch (width, groups, rows, order): {mine}")
+  return result
+
+
+def gather(out, behaviour_BxN, rows_R, keep_B, adv_B, *, width: int, batch_sharding):
+  """Rows `rows_R` (a batch-sharded array) of the rollout `out`, cut to `width`, onto the train mesh (a
+  transfer when the rollout came from other devices). Returns (tokens, kv_valid, loss mask, sampler
+  log-probs, advantages [R, width], behaviour log-probs or None), all batch-sharded."""
+  put = lambda x: None if x is None else jax.device_put(x, batch_sharding)  # noqa: E731
+  gathered = gather_rows(*(put(x) for x in (out.prompt_tokens_BxP, out.tokens_BxN, out.prompt_mask_BxP,
+                                            out.mask_BxN, out.logps_BxN, behaviour_BxN)),
+                         rows_R, keep_B, adv_B, width=width)
+  return tuple(put(x) for x in gathered)
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def gather_rows(prompt_BxP, tokens_BxN, prompt_mask_BxP, mask_BxN, sampler_logps_BxN, behaviour_BxN, rows_R, keep_B,
+                adv_B, *, width: int):
+  """The update batch's rows of a rollout, on the devices: sequences cut to `width` completion positions,
+  the loss mask (completion mask x kept group), the sampler's and behaviour log-probs, the advantages."""
+  keep_R, adv_R = (jnp.take(x, rows_R, axis=0) for x in (keep_B.astype(jnp.float32), adv_B))
+  take = lambda x: None if x is None else jnp.take(x, rows_R, axis=0)[:, :width]  # noqa: E731
+  tokens = jnp.concatenate([jnp.take(prompt_BxP, rows_R, axis=0), take(tokens_BxN)], 1).astype(jnp.int32)
+  kv_valid = jnp.concatenate([jnp.take(prompt_mask_BxP, rows_R, axis=0), take(mask_BxN)], 1).astype(bool)
+  mask = take(mask_BxN).astype(jnp.float32) * keep_R[:, None]
+  adv = jnp.broadcast_to(adv_R[:, None], mask.shape)
+  behaviour = None if behaviour_BxN is None else take(behaviour_BxN).astype(jnp.float32)
+  return tokens, kv_valid, mask, take(sampler_logps_BxN).astype(jnp.float32), adv, behaviour
+
+
+@jax.jit
+def logp_gap(old_BxN, sampler_BxN, loss_mask_BxN):
+  """Mean |trainer - sampler| log-prob over the tokens that enter the loss (0 when there are none)."""
+  m = loss_mask_BxN > 0
+  return jnp.where(m, jnp.abs(old_BxN - sampler_BxN), 0.0).sum() / jnp.maximum(m.sum(), 1)
+
+
+@functools.partial(jax.jit, static_argnames=("cap",))
+def tis(adv_BxN, old_BxN, sampler_BxN, cap: float):
+  """Truncated importance weight min(pi_old / pi_sampler, cap) on the advantages."""
+  return adv_BxN * jnp.minimum(jnp.exp(jnp.clip(old_BxN - sampler_BxN, -20, 20)), cap)

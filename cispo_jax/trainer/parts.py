@@ -1,0 +1,227 @@
+"""The parts a Trainer is assembled from, each built by one function: devices and mesh, the policy's
+sharded train state, the rollout and eval engines, the data, the evaluator, the jitted update, and
+the state a run resumes from. Trainer.__init__ (loop.py) calls them in this order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from cispo_jax import data as data_lib
+from cispo_jax import sharding
+from cispo_jax.evals.evaluator import Evaluator
+from cispo_jax.model import hf_io, logical_axes, param_shapes
+from cispo_jax.rl.optim import make_optimizer
+from cispo_jax.rl.train_step import StepConfig, TrainState, epoch_permutations, update_on_rollout
+from cispo_jax.rl.update_plan import group_quantum
+from cispo_jax.rollout.config import sampling_config
+from cispo_jax.rollout.engine import NativeEngine, Rollout, batched_completion_logps
+from cispo_jax.runtime.checkpoint import abstract_like
+from cispo_jax.task import HELDOUT, Scorer, make_sources
+
+log = logging.getLogger(__name__)
+
+
+# --- where the old log-probs come from: decided here, and only here --------------------------------
+BEHAVIOUR = "behaviour"  # a stale rollout: the policy that sampled it (recomputed, or the sampler's own)
+UPDATE_FORWARD = "update_forward"  # the update's first forward (UpdateConfig.old_logps_in_update)
+SEPARATE_FORWARD = "separate_forward"  # a forward of the current params before the update
+
+
+def old_logps_source(rl, *, stale_rollout: bool) -> str:
+  """Where an update's old log-probs (pi_old of the ratio) come from. A stale rollout's are the
+  behaviour policy's. Else the update's first forward gives them when nothing needs them before the
+  update: one minibatch (later minibatches need pi_old of the params before the first), no TIS (it
+  reweights by pi_old / pi_sampler before the update) and a loop that never trains on stale rollouts
+  (the update program is compiled once for both). Otherwise a separate forward of the current params."""
+  up, ro = rl.update, rl.rollout
+  if stale_rollout:
+    return BEHAVIOUR
+  if up.old_logps_in_update and up.num_minibatches == 1 and up.tis_cap == 0 and not ro.stale:
+    return UPDATE_FORWARD
+  return SEPARATE_FORWARD
+
+
+# --- devices, policy, sharded state ---------------------------------------------------------------
+def split_devices(rl, devices) -> tuple[list, list]:
+  """(train devices, rollout devices): the first RolloutConfig.rollout_devices sample, the rest train."""
+  ro = rl.rollout
+  devices = list(jax.devices() if devices is None else devices)
+  if ro.pipelined and jax.process_count() > 1:
+    raise ValueError("RolloutConfig.max_staleness > 0 and RolloutConfig.rollout_devices > 0 run on one process "
+                     f"for now (this run has {jax.process_count()}); use the synchronous loop across hosts")
+  if not ro.rollout_devices:
+    return devices, []
+  if ro.rollout_devices >= len(devices):
+    raise ValueError(f"RolloutConfig.rollout_devices={ro.rollout_devices} leaves no device to train on "
+                     f"({len(devices)} devices)")
+  return devices[ro.rollout_devices:], devices[:ro.rollout_devices]
+
+
+def load_policy(rl):
+  """The model config (with ModelRunConfig) and the tokenizer of RLConfig.model_dir."""
+  model_cfg = hf_io.load_config(rl.model_dir, **dataclasses.asdict(rl.model_run))
+  tokenizer = hf_io.load_tokenizer(rl.model_dir)
+  if tokenizer.eos_token_id is None:
+    raise ValueError(f"tokenizer in {rl.model_dir} has no eos_token: the sampler needs a stop token")
+  return model_cfg, tokenizer
+
+
+@dataclasses.dataclass
+class ShardedState:
+  """The policy's train state in its layout, and the shardings and optimizer it was built with."""
+  tx: Any
+  schedule: Any
+  param_shardings: Any
+  state_shardings: TrainState
+  batch_sharding: Any  # dim 0 over the data axes, any rank
+  state: TrainState
+  ref_params: Any  # the KL's reference params, or None
+
+
+def build_state(rl, loss_cfg, optim, mesh, model_cfg) -> ShardedState:
+  """Parameters sharded by the logical-axis rules, the optimizer state alike, loaded tensor by tensor
+  from safetensors straight into their shards (never a second full copy)."""
+  up = rl.update
+  tx, schedule = make_optimizer(optim, rl.total_steps * up.num_iterations * up.num_minibatches)
+  params_logical, shapes = logical_axes(model_cfg), param_shapes(model_cfg)
+  param_shardings = sharding.param_shardings(params_logical, shapes, mesh)
+  opt_shardings = sharding.param_shardings(
+      sharding.optimizer_logical_axes(tx, params_logical, shapes), jax.eval_shape(tx.init, shapes), mesh)
+  rep = sharding.replicated(mesh)
+  state_shardings = TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
+  params = hf_io.load_params(rl.model_dir, model_cfg, shardings=param_shardings)
+  # Built directly in its layout: the optimizer state is born sharded like the params.
+  state = jax.jit(functools.partial(TrainState.create, tx=tx, seed=rl.seed), out_shardings=state_shardings)(params)
+  # Only a KL needs the reference; a copy, as each update donates the state's buffers.
+  ref_params = jax.tree.map(jnp.copy, params) if loss_cfg.kl_coef else None
+  return ShardedState(tx, schedule, param_shardings, state_shardings, sharding.batch_sharding(mesh, 1), state,
+                      ref_params)
+
+
+def build_engines(rl, model_cfg, tokenizer, mesh, param_shardings, rollout_devices):
+  """(eval engine, rollout engine). Eval samples on the train mesh with the current params. Rollouts
+  come from the rollout sub-mesh if the devices are split; else from the train mesh, reading the
+  trainer's own buffers in lock-step (max_staleness 0) or a copy of them (stale rollouts)."""
+  ro = rl.rollout
+  engine = functools.partial(NativeEngine, model_cfg, tokenizer, apply_chat_template=ro.apply_chat_template)
+  eval_engine = engine(mesh, param_shardings, copy_weights=False)
+  if not rollout_devices:
+    return eval_engine, engine(mesh, param_shardings, copy_weights=ro.stale)
+  rollout_mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1), rollout_devices)
+  shardings = sharding.param_shardings(logical_axes(model_cfg), param_shapes(model_cfg), rollout_mesh)
+  return eval_engine, engine(rollout_mesh, shardings, copy_weights=True)
+
+
+# --- data and evaluation --------------------------------------------------------------------------
+@dataclasses.dataclass
+class Data:
+  stream: data_lib.PromptStream  # this process's shard of the training prompts
+  eval_sets: dict  # name -> examples; the held-out split first, then TaskConfig.eval_sets
+  scorer: Scorer
+
+
+def build_data(rl, task, tokenizer, model_cfg) -> Data:
+  """The prompt stream and eval sets, every prompt checked before anything compiles: too long for the
+  buckets or the model, or token ids outside the vocabulary (TaskConfig.too_long: drop and count, or
+  refuse naming file:line)."""
+  ro = rl.rollout
+  proc, nproc = jax.process_index(), jax.process_count()
+  if rl.prompts_per_step % nproc:
+    raise ValueError(f"RLConfig.prompts_per_step={rl.prompts_per_step} must be divisible by the "
+                     f"process count {nproc}")
+  checks = dict(max_new_tokens=ro.max_new_tokens, prompt_buckets=ro.prompt_buckets,
+                apply_chat_template=ro.apply_chat_template)
+  train_src, eval_examples = make_sources(task, seed=rl.seed)
+  train_src, eval_examples = task.check_sources(train_src, eval_examples, tokenizer, model_cfg, **checks)
+  eval_sets = {HELDOUT: eval_examples[:min(rl.eval.eval_size, len(eval_examples))],
+               **task.eval_sources(tokenizer, model_cfg, **checks)}
+  stream = data_lib.PromptStream(train_src, rl.prompts_per_step, seed=rl.seed).shard(proc, nproc)
+  return Data(stream, eval_sets, Scorer(task))
+
+
+def build_evaluator(rl, task, eval_engine, tokenizer, scorer) -> Evaluator:
+  """evals.Evaluator sampling with `eval_engine` (the current params, on the train mesh)."""
+  ro = rl.rollout
+  sampled = sampling_config(ro, tokenizer, greedy=False, n=task.eval_samples) if task.eval_samples else None
+  return Evaluator(
+      lambda params, examples, key, cfg: eval_engine.generate(examples, key, cfg, params=params, host=True),
+      eval_engine.local_rows, tokenizer, scorer, greedy_cfg=sampling_config(ro, tokenizer, greedy=True, n=1),
+      sampled_cfg=sampled, ks=task.pass_k(), batch_size=task.eval_batch_size, seed=rl.seed)
+
+
+# --- the jitted update ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class UpdateFns:
+  step_cfg: StepConfig
+  update: Any  # jitted (state, batch[, order]) -> (state, metrics[, old log-probs])
+  perms: Any  # jitted rng -> each epoch's minibatch order (UpdateConfig.compact_groups)
+  logps: Any  # (params, tokens, kv_valid, n_completion) -> completion log-probs, micro-batched
+  group_quantum: int  # update rows come in multiples of this many groups (plan_update)
+  old_logps_in_update: bool  # the program returns the old log-probs of its first forward
+
+
+def build_update(rl, loss_cfg, model_cfg, tx, schedule, mesh, state_shardings, batch_sharding,
+                 use_ref: bool) -> UpdateFns:
+  """The update program, compiled once per (rows, width) bucket, and the forwards beside it."""
+  ro, up = rl.rollout, rl.update
+  step_cfg = StepConfig(model=model_cfg, loss=loss_cfg, temperature=ro.temperature, micro_batches=up.micro_batches,
+                        num_generations=ro.num_generations, use_ref=use_ref)
+  in_update = old_logps_source(rl, stale_rollout=False) == UPDATE_FORWARD
+  update = functools.partial(update_on_rollout, cfg=step_cfg, tx=tx, schedule=schedule,
+                             num_iterations=up.num_iterations, num_minibatches=up.num_minibatches,
+                             old_from_first_step=in_update)
+  rep = sharding.replicated(mesh)
+  outs = (state_shardings, rep) + ((batch_sharding,) if in_update else ())
+  if up.compact_groups:  # the host passes each epoch's minibatch order (plan_update)
+    jitted = jax.jit(update, in_shardings=(state_shardings, batch_sharding, rep), out_shardings=outs,
+                     donate_argnums=0)
+  else:
+    jitted = jax.jit(lambda state, batch: update(state, batch), in_shardings=(state_shardings, batch_sharding),
+                     out_shardings=outs, donate_argnums=0)
+  perms = jax.jit(functools.partial(epoch_permutations, n_groups=rl.prompts_per_step,
+                                    num_iterations=up.num_iterations), out_shardings=rep)
+  logps = functools.partial(batched_completion_logps, model_cfg=model_cfg, temperature=ro.temperature,
+                            micro_batches=up.micro_batches)
+  sizes = dict(mesh.shape)
+  quantum = group_quantum(ro.num_generations, up.micro_batches, sizes["data"] * sizes["fsdp"])
+  return UpdateFns(step_cfg, jitted, perms, logps, quantum, in_update)
+
+
+# --- resume ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Resumed:
+  """Where a run starts: iteration 0 with fresh counters, or the newest good checkpoint."""
+  restored: bool
+  iteration: int
+  state: TrainState
+  eval_start: float | None
+  reward_events: dict
+  nonfinite_skips: dict
+  pending: list  # rollouts in flight at the save (pipelined runs)
+  stream_state: Any  # the prompt position after the last rollout trained on
+
+
+def resume(ckpt, state: TrainState, stream: data_lib.PromptStream) -> Resumed:
+  """The newest verified checkpoint (bad ones are moved aside), restoring the stream's position."""
+  fresh = Resumed(False, 0, state, None, {"errors": 0, "timeouts": 0}, {"total": 0, "consecutive": 0}, [],
+                  None)
+  restored = ckpt.restore_latest_good(abstract_like(state))
+  if restored is None:
+    fresh.stream_state = stream.state()
+    return fresh
+  _, state, host = restored
+  stream.restore(host["data"])
+  pending = [Rollout.from_json(r) for r in host.get("pending_rollouts", [])]
+  log.info("resumed from %s at iteration %d (%d rollouts in flight restored)", ckpt.directory,
+           host["iteration"], len(pending))
+  return Resumed(True, host["iteration"], state, host["eval_start"], host["reward_events"],
+                 host.get("nonfinite_skips", fresh.nonfinite_skips), pending,
+                 host["consumed_data"] if "consumed_data" in host else stream.state())
+

@@ -1,0 +1,74 @@
+"""Why a run stops before total_steps. SIGTERM / SIGINT: a preemptible VM's SIGTERM, or Ctrl-C, lets the
+iteration finish, then the run saves and exits (EXIT_PREEMPTED); a second Ctrl-C stops at once. Too many
+optimizer steps in a row with a non-finite loss or gradient: NonFiniteTraining."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import jax
+import numpy as np
+
+from cispo_jax import sharding
+
+log = logging.getLogger(__name__)
+
+
+class StopSignals:
+  """Installs the handlers (from the main thread only) until `close()`; `received` names the signal."""
+
+  def __init__(self, iteration=lambda: 0):
+    self.received: str | None = None
+    self._iteration = iteration  # the iteration now running, for the log line
+    self._handlers: dict = {}
+    if threading.current_thread() is threading.main_thread():
+      self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+  def _on_signal(self, signum, frame):
+    name = signal.Signals(signum).name
+    if self.received is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+      raise KeyboardInterrupt
+    self.received = name
+    log.warning("%s received: finishing iteration %d, then saving a checkpoint and exiting", name,
+                self._iteration() + 1)
+
+  def should_stop(self) -> bool:
+    """Whether any process got SIGTERM/SIGINT. A signal reaches one host first; all must stop at the same
+    iteration, so the flag is shared (one tiny collective per iteration, only with several processes)."""
+    mine = self.received is not None
+    if jax.process_count() == 1:
+      return mine
+    return bool(sharding.allgather_host(np.array([mine])).any())
+
+  def close(self):
+    for sig, old in self._handlers.items():
+      signal.signal(sig, old)
+    self._handlers = {}
+
+
+class NonFiniteTraining(RuntimeError):
+  """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def count_nonfinite(counts: dict, skipped_S, *, iteration: int, limit: int, latest_checkpoint):
+  """Adds an update's skipped optimizer steps to counts {"total", "consecutive"}; raises
+  NonFiniteTraining when more than `limit` in a row were skipped."""
+  if skipped_S is None:
+    return
+  skipped_S = np.asarray(skipped_S, bool).reshape(-1)
+  counts["total"] += int(skipped_S.sum())
+  if skipped_S.all():
+    counts["consecutive"] += len(skipped_S)
+  else:  # the skips at the end of this update (after its last good step)
+    counts["consecutive"] = len(skipped_S) - 1 - int(np.flatnonzero(~skipped_S)[-1])
+  if skipped_S.any():
+    log.warning("iteration %d: %d of %d optimizer steps skipped (non-finite loss or gradient)",
+                iteration, int(skipped_S.sum()), len(skipped_S))
+  if counts["consecutive"] > limit:
+    raise NonFiniteTraining(
+        f"{counts['consecutive']} optimizer steps in a row had a non-finite loss or gradient "
+        f"(UpdateConfig.max_nonfinite_skips={limit}); stopping at iteration {iteration}. "
+        f"The newest checkpoint ({latest_checkpoint}) holds the last finite state; lower the learning "
+        f"rate or check the rewards (metrics.jsonl: train/skipped_nonfinite).")
