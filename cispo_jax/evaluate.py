@@ -102,7 +102,7 @@ def evaluate(configs: dict[str, Any], out_dir: str, devices=None) -> dict[str, A
 
   from cispo_jax.evals.evaluator import Evaluator
   from cispo_jax.task import HELDOUT, Scorer, make_sources
-  from cispo_jax.rollout.config import sampling_config
+  from cispo_jax.rollout.config import run_stops, sampling_config
 
   rl, task = configs["RLConfig"], configs["TaskConfig"]
   if not rl.model_dir:
@@ -115,12 +115,14 @@ def evaluate(configs: dict[str, Any], out_dir: str, devices=None) -> dict[str, A
     train, held = make_sources(task, seed=rl.seed)
     _, held = task.check_sources(train, held, sampler.tokenizer, sampler.model_cfg, **limits)
     sets = {HELDOUT: held[:rl.eval.eval_size]}
+  stops = run_stops(rl.rollout, sampler.tokenizer, rl.model_dir, sampler.model_cfg.vocab_size)
+  log.info("stop tokens: %s", stops.describe(sampler.tokenizer))
   scorer = Scorer(task)
   try:
     evaluator = Evaluator(
         sampler.generate, sampler.local_rows, sampler.tokenizer, scorer,
-        greedy_cfg=sampling_config(rl.rollout, sampler.tokenizer, greedy=True, n=1),
-        sampled_cfg=sampling_config(rl.rollout, sampler.tokenizer, greedy=False, n=task.eval_samples)
+        greedy_cfg=sampling_config(rl.rollout, sampler.tokenizer, stops, greedy=True, n=1),
+        sampled_cfg=sampling_config(rl.rollout, sampler.tokenizer, stops, greedy=False, n=task.eval_samples)
         if task.eval_samples else None, ks=task.pass_k(), batch_size=task.eval_batch_size, seed=rl.seed)
     metrics = evaluator(sampler.params, sets, os.path.join(out_dir, "outputs.jsonl"))
   finally:

@@ -7,6 +7,7 @@ import dataclasses
 
 from cispo_jax.config.fields import at_least
 from cispo_jax.rollout.sampling import SamplingConfig
+from cispo_jax.rollout.stops import Stops, resolve_stops
 
 BEHAVIOUR_LOGPS = ("recompute", "sampler")
 
@@ -24,6 +25,10 @@ class RolloutConfig:
   top_p: float = 1.0
   min_p: float = 0.0
   apply_chat_template: bool = False
+  # Stops beside the checkpoint's own (the tokenizer's eos, generation_config.json's eos ids, the chat
+  # template's end of turn; stops.py): more token ids, and strings (one token: its id; longer: its tokens).
+  stop_token_ids: tuple = ()
+  stop_strings: tuple = ()
   prompt_buckets: tuple = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # padded prompt lengths (one program each)
   # Pipelined off-policy RL (pipeline.py). The rollout of iteration i is sampled by the policy of iteration
   # max(0, i - max_staleness) while the updates in between run; 0 = the synchronous loop (sample, then update).
@@ -63,11 +68,17 @@ class RolloutConfig:
     return self.max_staleness > 0 or self.weight_sync_every > 1
 
 
-def sampling_config(ro: RolloutConfig, tokenizer, *, greedy: bool, n: int) -> SamplingConfig:
+def run_stops(ro: RolloutConfig, tokenizer, model_dir: str | None, vocab_size: int) -> Stops:
+  """The run's stop set: the checkpoint's stop tokens and RolloutConfig's (stops.py)."""
+  return resolve_stops(tokenizer, model_dir, vocab_size, stop_token_ids=ro.stop_token_ids,
+                       stop_strings=ro.stop_strings)
+
+
+def sampling_config(ro: RolloutConfig, tokenizer, stops: Stops, *, greedy: bool, n: int) -> SamplingConfig:
   """The sampler's config for rollouts (greedy=False, n=num_generations) or greedy eval (greedy=True, n=1)."""
   return SamplingConfig(
       max_new_tokens=ro.max_new_tokens, temperature=1.0 if greedy else ro.temperature, greedy=greedy,
       top_k=0 if greedy else ro.top_k, top_p=1.0 if greedy else ro.top_p,
-      min_p=0.0 if greedy else ro.min_p, stop_token_ids=(tokenizer.eos_token_id,), num_samples=n,
+      min_p=0.0 if greedy else ro.min_p, stop_token_ids=stops.token_ids, stop_sequences=stops.sequences, num_samples=n,
       pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
       prompt_buckets=tuple(ro.prompt_buckets))

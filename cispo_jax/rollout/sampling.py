@@ -33,8 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cispo_jax.data.prompts import tokenize_prompts
 from cispo_jax.model import ModelConfig, forward, init_cache, positions_from_mask
+from cispo_jax.rollout.filters import choose_tokens
 
-_NEG_INF = -1e30  # finite: a fully filtered row stays NaN-free
 _log = logging.getLogger(__name__)
 
 
@@ -55,6 +55,7 @@ class SamplingConfig:
   top_p: float = 1.0  # 1 = off
   min_p: float = 0.0  # 0 = off
   stop_token_ids: tuple[int, ...] = ()
+  stop_sequences: tuple[tuple[int, ...], ...] = ()  # multi-token stops: the row ends on their last token
   num_samples: int = 1  # completions per prompt; output rows grouped: p0s0, p0s1, .., p1s0, ..
   prompt_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
   pad_token_id: int = 0
@@ -65,6 +66,7 @@ class SamplingConfig:
 
     # Lists from gin/CLI become tuples so the config stays hashable.
     object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+    object.__setattr__(self, "stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
     object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
     if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
       bad("max_new_tokens", "an int >= 1")
@@ -78,6 +80,8 @@ class SamplingConfig:
       bad("min_p", "0 <= min_p <= 1 (0 = off)")
     if any(t < 0 for t in self.stop_token_ids):
       bad("stop_token_ids", "token ids >= 0")
+    if any(not q or min(q) < 0 for q in self.stop_sequences):
+      bad("stop_sequences", "non-empty tuples of token ids >= 0")
     if not (isinstance(self.num_samples, int) and self.num_samples >= 1):
       bad("num_samples", "an int >= 1")
     b = self.prompt_buckets
@@ -101,43 +105,6 @@ class SampleOutput(NamedTuple):
   logps_BxN: jax.Array  # float32
   lengths_B: jax.Array  # int32, completion tokens incl. the stop token
   stopped_B: jax.Array  # bool: finished by a stop token (else by max_new_tokens)
-
-
-# ----------------------------------------------------------------------------- token choice
-
-
-def filter_logits(scaled_BxV, cfg: SamplingConfig):
-  """Top-k, then top-p, then min-p on temperature-scaled logits; filtered entries -> -1e30."""
-  x = scaled_BxV
-  if cfg.top_k and cfg.top_k < x.shape[-1]:
-    kth_B1 = jax.lax.top_k(x, cfg.top_k)[0][:, -1:]
-    x = jnp.where(x >= kth_B1, x, _NEG_INF)  # ties with the k-th survive
-  if cfg.top_p < 1.0:
-    sorted_BxV = -jnp.sort(-x, axis=-1)
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    # Smallest prefix whose mass reaches top_p; its last logit is the cut (the top token always stays).
-    keep_BxV = mass_before_BxV < cfg.top_p
-    cut_B1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-    x = jnp.where(x >= cut_B1, x, _NEG_INF)
-  if cfg.min_p > 0.0:
-    # p >= min_p * p_max  <=>  logit >= max_logit + log(min_p)
-    cut_B1 = jnp.max(x, axis=-1, keepdims=True) + jnp.log(cfg.min_p)
-    x = jnp.where(x >= cut_B1, x, _NEG_INF)
-  return x
-
-
-def choose_tokens(logits_BxV, key, cfg: SamplingConfig):
-  """Next token per row and its log-prob under log_softmax(logits / temperature)."""
-  logits_BxV = logits_BxV.astype(jnp.float32)
-  if cfg.greedy:
-    scaled_BxV = logits_BxV
-    tok_B = jnp.argmax(scaled_BxV, axis=-1)
-  else:
-    scaled_BxV = logits_BxV / cfg.temperature
-    tok_B = jax.random.categorical(key, filter_logits(scaled_BxV, cfg), axis=-1)
-  logp_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BxV, axis=-1), tok_B[:, None], -1)[:, 0]
-  return tok_B.astype(jnp.int32), logp_B
 
 
 # ----------------------------------------------------------------------------- the program
@@ -191,8 +158,13 @@ def _generate_core(params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, model_cfg
     tok_B, logp_B = choose_tokens(logits_Bx1xV[:, 0], jax.random.fold_in(rng, step), cfg)
     tok_B = jnp.where(done_B, pad, tok_B)
     logp_B = jnp.where(done_B, 0.0, logp_B)
-    hit_B = ~done_B & jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
+    hit_B = jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
     tokens_BxN = jax.lax.dynamic_update_slice_in_dim(tokens_BxN, tok_B[:, None], step, 1)
+    for seq in cfg.stop_sequences:  # the completion's last len(seq) tokens are the sequence
+      m = len(seq)
+      window_Bxm = jax.lax.dynamic_slice_in_dim(tokens_BxN, jnp.maximum(step - m + 1, 0), m, axis=1)
+      hit_B |= (step >= m - 1) & jnp.all(window_Bxm == jnp.asarray(seq, jnp.int32)[None, :], axis=1)
+    hit_B &= ~done_B
     logps_BxN = jax.lax.dynamic_update_slice_in_dim(logps_BxN, logp_B[:, None], step, 1)
     return step + 1, cache, tokens_BxN, logps_BxN, done_B | hit_B, jnp.where(hit_B, step + 1, len_B)
 
@@ -324,8 +296,9 @@ def generate(params, model_cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP,
   [B, ...] arrays, e.g. NamedSharding(mesh, P(("data", "fsdp")))) splits the batch over the
   mesh the params already live on; params are used where they are, never copied.
   """
-  for name in ("stop_token_ids", "pad_token_id"):
-    ids = np.atleast_1d(getattr(cfg, name))
+  for name in ("stop_token_ids", "pad_token_id", "stop_sequences"):
+    value = getattr(cfg, name)
+    ids = np.asarray([t for q in value for t in q] if name == "stop_sequences" else np.atleast_1d(value))
     if ids.size and ids.max() >= model_cfg.vocab_size:
       raise ValueError(f"SamplingConfig.{name}={getattr(cfg, name)} must be < vocab_size={model_cfg.vocab_size}")
   if isinstance(prompt_tokens_BxP, jax.Array) and not prompt_tokens_BxP.is_fully_addressable:

@@ -67,7 +67,7 @@ class Trainer:
 
     train_devices, rollout_devices = parts.split_devices(rl, devices)
     self.mesh = sharding.make_mesh(mesh_cfg, train_devices)
-    self.model_cfg, self.tokenizer = parts.load_policy(rl)
+    self.model_cfg, self.tokenizer, self.stops = parts.load_policy(rl)
     st = parts.build_state(rl, self.loss_cfg, optim, self.mesh, self.model_cfg)
     self.state, self.state_shardings, self.batch_sharding = st.state, st.state_shardings, st.batch_sharding
     self.ref_params = st.ref_params
@@ -75,9 +75,10 @@ class Trainer:
                                                         st.param_shardings, rollout_devices)
     data = parts.build_data(rl, task, self.tokenizer, self.model_cfg)
     self.stream, self.eval_sets = data.stream, data.eval_sets
-    self.train_sampling = sampling_config(rl.rollout, self.tokenizer, greedy=False, n=rl.rollout.num_generations)
+    self.train_sampling = sampling_config(rl.rollout, self.tokenizer, self.stops, greedy=False,
+                                         n=rl.rollout.num_generations)
     self._make_rollout = RolloutMaker(rl, self.engine, self.stream, data.scorer, self.tokenizer, self.train_sampling)
-    self.evaluator = parts.build_evaluator(rl, task, self.eval_engine, self.tokenizer, data.scorer)
+    self.evaluator = parts.build_evaluator(rl, task, self.eval_engine, self.tokenizer, data.scorer, self.stops)
     self.fns = parts.build_update(rl, self.loss_cfg, self.model_cfg, st.tx, st.schedule, self.mesh,
                                   self.state_shardings, self.batch_sharding, use_ref=self.ref_params is not None)
 
@@ -206,6 +207,11 @@ class Trainer:
         "reward_events/timeouts": self.reward_events["timeouts"],
         "tokens/generated": float(lengths_B.sum()),
     }
+    if metrics["completion/stopped"] == 0:
+      log.warning("iteration %d: none of the %d completions stopped on its own (all ran to max_new_tokens=%d); "
+                  "stop tokens: %s. A chat model whose end of turn is not among them never stops: add it with "
+                  "RolloutConfig.stop_token_ids or RolloutConfig.stop_strings", self.iteration + 1, len(lengths_B),
+                  self.rl.rollout.max_new_tokens, self.stops.describe(self.tokenizer))
     if self.rollout_thread:  # updates since the policy that sampled this rollout
       metrics["pipeline/staleness"] = float(self.iteration - r.version)
     if len(self.task.reward_list()) > 1:  # each reward of a mix, on this process's rows

@@ -20,7 +20,7 @@ from cispo_jax.model import hf_io, logical_axes, param_shapes
 from cispo_jax.rl.optim import make_optimizer
 from cispo_jax.rl.train_step import StepConfig, TrainState, epoch_permutations, update_on_rollout
 from cispo_jax.rl.update_plan import group_quantum
-from cispo_jax.rollout.config import sampling_config
+from cispo_jax.rollout.config import run_stops, sampling_config
 from cispo_jax.rollout.engine import NativeEngine, Rollout, batched_completion_logps
 from cispo_jax.runtime.checkpoint import abstract_like
 from cispo_jax.task import HELDOUT, Scorer, make_sources
@@ -65,12 +65,14 @@ def split_devices(rl, devices) -> tuple[list, list]:
 
 
 def load_policy(rl):
-  """The model config (with ModelRunConfig) and the tokenizer of RLConfig.model_dir."""
+  """The model config (with ModelRunConfig), the tokenizer and the stop set of RLConfig.model_dir."""
   model_cfg = hf_io.load_config(rl.model_dir, **dataclasses.asdict(rl.model_run))
   tokenizer = hf_io.load_tokenizer(rl.model_dir)
   if tokenizer.eos_token_id is None:
     raise ValueError(f"tokenizer in {rl.model_dir} has no eos_token: the sampler needs a stop token")
-  return model_cfg, tokenizer
+  stops = run_stops(rl.rollout, tokenizer, rl.model_dir, model_cfg.vocab_size)
+  log.info("stop tokens: %s", stops.describe(tokenizer))
+  return model_cfg, tokenizer, stops
 
 
 @dataclasses.dataclass
@@ -146,13 +148,13 @@ def build_data(rl, task, tokenizer, model_cfg) -> Data:
   return Data(stream, eval_sets, Scorer(task))
 
 
-def build_evaluator(rl, task, eval_engine, tokenizer, scorer) -> Evaluator:
+def build_evaluator(rl, task, eval_engine, tokenizer, scorer, stops) -> Evaluator:
   """evals.Evaluator sampling with `eval_engine` (the current params, on the train mesh)."""
   ro = rl.rollout
-  sampled = sampling_config(ro, tokenizer, greedy=False, n=task.eval_samples) if task.eval_samples else None
+  sampled = sampling_config(ro, tokenizer, stops, greedy=False, n=task.eval_samples) if task.eval_samples else None
   return Evaluator(
       lambda params, examples, key, cfg: eval_engine.generate(examples, key, cfg, params=params, host=True),
-      eval_engine.local_rows, tokenizer, scorer, greedy_cfg=sampling_config(ro, tokenizer, greedy=True, n=1),
+      eval_engine.local_rows, tokenizer, scorer, greedy_cfg=sampling_config(ro, tokenizer, stops, greedy=True, n=1),
       sampled_cfg=sampled, ks=task.pass_k(), batch_size=task.eval_batch_size, seed=rl.seed)
 
 
