@@ -1,0 +1,163 @@
+"""The paged engine (rollout/paged/): greedy rows equal the static sampler's and transformers' generate;
+the same tokens whatever the slots, the arrival order, the page size or the pool (waits and preemptions);
+every page freed; per-request budgets; stop tokens and stop sequences; refused requests."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from cispo_jax.model import ModelConfig, init_params
+from cispo_jax.model.hf_io import load_model
+from cispo_jax.model.tiny import make_tiny_model_dir
+from cispo_jax.rollout.paged import PagedConfig, PagePool, generate_paged
+from cispo_jax.rollout.paged.pool import PoolExhausted
+from cispo_jax.rollout.sampling import SamplingConfig, generate
+
+V = 32
+LENGTHS = (3, 7, 5, 10, 1, 17)  # a one-token prompt, and one longer than two pages of 8
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8, qkv_bias=True, qk_norm=True)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  # x10 weights: logits with std ~1, so greedy margins are wide and the filters bite (as test_sampling.py)
+  return cfg, jax.tree.map(lambda x: x * 10 if x.ndim > 1 else x, params)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  rs = np.random.RandomState(0)
+  return [rs.randint(1, V, n).tolist() for n in LENGTHS]
+
+
+def _padded(prompts):
+  W = max(map(len, prompts))
+  tok, mask = np.zeros((len(prompts), W), np.int32), np.zeros((len(prompts), W), np.int32)
+  for i, p in enumerate(prompts):
+    tok[i, W - len(p):], mask[i, W - len(p):] = p, 1
+  return tok, mask
+
+
+GREEDY = SamplingConfig(greedy=True, max_new_tokens=20, stop_token_ids=(3,), prompt_buckets=(8, 16, 32), num_samples=2)
+SAMPLED = SamplingConfig(temperature=1.0, top_k=6, top_p=0.9, max_new_tokens=20, stop_token_ids=(3,),
+                         prompt_buckets=(8, 16, 32), num_samples=4)
+
+
+@pytest.fixture(scope="module")
+def sampled_ref(model, prompts):
+  cfg, params = model
+  return generate_paged(params, cfg, prompts, jax.random.PRNGKey(7), SAMPLED, PagedConfig(num_slots=64, page_size=4))
+
+
+@pytest.mark.parametrize("slots,page_size,k", [(64, 16, 8), (4, 4, 3), (3, 2, 1)])
+def test_greedy_rows_equal_the_static_sampler(model, prompts, slots, page_size, k):
+  cfg, params = model
+  ref = generate(params, cfg, *_padded(prompts), jax.random.PRNGKey(5), GREEDY)
+  out, stats = generate_paged(params, cfg, prompts, jax.random.PRNGKey(5), GREEDY,
+                              PagedConfig(num_slots=slots, page_size=page_size, steps_per_sync=k))
+  assert 0 < np.asarray(ref.stopped_B).mean() < 1  # rows end on the stop token and on the budget
+  for name in ("tokens_BxN", "mask_BxN", "lengths_B", "stopped_B", "prompt_tokens_BxP", "prompt_mask_BxP"):
+    np.testing.assert_array_equal(getattr(out, name), np.asarray(getattr(ref, name)), err_msg=name)
+  np.testing.assert_allclose(out.logps_BxN, np.asarray(ref.logps_BxN), atol=2e-5)
+  assert stats["pages_all_freed"] and stats["useful_row_steps"] == int(np.asarray(ref.lengths_B).sum())
+
+
+def test_greedy_rows_equal_transformers_generate(tmp_path):
+  torch = pytest.importorskip("torch", reason="torch (test-only dependency) is needed for parity tests")
+  import transformers
+
+  path = make_tiny_model_dir(str(tmp_path / "m"), "qwen3", hidden_size=64, num_layers=2, num_heads=4,
+                             num_kv_heads=2, seed=4)
+  cfg, params = load_model(path)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                                         local_files_only=True)
+  rs = np.random.RandomState(2)
+  prompts = [rs.randint(3, cfg.vocab_size, n).tolist() for n in (4, 9, 13)]
+  sc = SamplingConfig(greedy=True, max_new_tokens=12, stop_token_ids=(), prompt_buckets=(16,), num_samples=1)
+  out, _ = generate_paged(params, cfg, prompts, jax.random.PRNGKey(0), sc, PagedConfig(num_slots=2, page_size=4))
+  for i, p in enumerate(prompts):
+    with torch.no_grad():
+      want = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                         max_new_tokens=12, min_new_tokens=12, pad_token_id=0)[0, len(p):].tolist()
+    assert out.tokens_BxN[i].tolist() == want, i
+
+
+def test_the_same_tokens_in_4_slots_or_64_in_any_order(model, prompts, sampled_ref):
+  """Each row's randomness is keyed by (rollout key, prompt, sample, position), not by its slot or step."""
+  cfg, params = model
+  ref, _ = sampled_ref
+  order = np.random.RandomState(1).permutation(len(prompts) * SAMPLED.num_samples).tolist()
+  out, stats = generate_paged(params, cfg, prompts, jax.random.PRNGKey(7), SAMPLED,
+                              PagedConfig(num_slots=4, page_size=8, steps_per_sync=5), order=order)
+  np.testing.assert_array_equal(out.tokens_BxN, ref.tokens_BxN)
+  np.testing.assert_allclose(out.logps_BxN, ref.logps_BxN, atol=1e-4)
+  assert len({tuple(r) for r in ref.tokens_BxN[:4]}) > 1  # the samples of a prompt differ
+  assert stats["pages_all_freed"] and stats["preemptions"] == 0
+  other, _ = generate_paged(params, cfg, prompts, jax.random.PRNGKey(8), SAMPLED, PagedConfig(num_slots=64, page_size=4))
+  assert not np.array_equal(other.tokens_BxN, ref.tokens_BxN)  # and the rollout key matters
+
+
+def test_a_full_pool_waits_and_preempts_and_gives_the_same_tokens(model, prompts, sampled_ref):
+  cfg, params = model
+  ref, _ = sampled_ref
+  order = np.random.RandomState(3).permutation(len(prompts) * SAMPLED.num_samples).tolist()
+  out, stats = generate_paged(params, cfg, prompts, jax.random.PRNGKey(7), SAMPLED,
+                              PagedConfig(num_slots=8, page_size=4, num_pages=16, steps_per_sync=4), order=order)
+  np.testing.assert_array_equal(out.tokens_BxN, ref.tokens_BxN)
+  np.testing.assert_array_equal(out.stopped_B, ref.stopped_B)
+  assert stats["preemptions"] > 0 and stats["peak_used"] <= 15  # 15 pages besides the scratch page
+  assert stats["pages_all_freed"] and stats["allocated"] == stats["freed"]
+
+
+def test_a_request_that_can_never_fit_is_refused(model, prompts):
+  cfg, params = model
+  with pytest.raises(ValueError, match=r"PagedConfig.num_pages=4 cannot hold one request.*max_new_tokens"):
+    generate_paged(params, cfg, prompts, jax.random.PRNGKey(0), SAMPLED, PagedConfig(page_size=4, num_pages=4))
+
+
+def test_per_request_budgets_cut_the_same_rows(model, prompts, sampled_ref):
+  cfg, params = model
+  ref, _ = sampled_ref
+  budgets = [3, 20, 1, 9, 20, 5]
+  out, stats = generate_paged(params, cfg, prompts, jax.random.PRNGKey(7), SAMPLED,
+                              PagedConfig(num_slots=5, page_size=4), budgets=budgets)
+  n = SAMPLED.num_samples
+  for r in range(len(prompts) * n):
+    b, k = budgets[r // n], int(ref.lengths_B[r])
+    want = min(b, k)
+    assert out.lengths_B[r] == want and out.tokens_BxN[r, :want].tolist() == ref.tokens_BxN[r, :want].tolist()
+    assert out.stopped_B[r] == (ref.stopped_B[r] and k <= b)
+  assert stats["useful_row_steps"] == int(out.lengths_B.sum())
+
+
+def test_stop_sequences_end_rows(model, prompts, sampled_ref):
+  cfg, params = model
+  ref, _ = sampled_ref
+  row = ref.tokens_BxN[0, :int(ref.lengths_B[0])].tolist()
+  pair = tuple(row[4:6])
+  sc = dataclasses.replace(SAMPLED, stop_sequences=(pair,))
+  out, _ = generate_paged(params, cfg, prompts, jax.random.PRNGKey(7), sc, PagedConfig(num_slots=6, page_size=4))
+  for r, toks in enumerate(ref.tokens_BxN):
+    toks = toks[:int(ref.lengths_B[r])].tolist()
+    end = next((i + 2 for i in range(len(toks) - 1) if tuple(toks[i:i + 2]) == pair), None)
+    assert out.lengths_B[r] == (end or len(toks)) and bool(out.stopped_B[r]) == (end is not None or ref.stopped_B[r])
+
+
+def test_page_pool_accounting():
+  pool = PagePool(6, page_size=4)
+  assert pool.free == 5 and pool.pages_for(9) == 3
+  a = pool.alloc(3)
+  assert PagePool.SCRATCH not in a
+  pool.share(a[:2])
+  with pytest.raises(PoolExhausted):
+    pool.alloc(3)
+  pool.release(a)
+  assert pool.free == 3  # two pages still held by their second holder
+  pool.release(a[:2])
+  assert pool.all_free() and pool.stats.peak_used == 3 and pool.stats.freed == 3
+  with pytest.raises(AssertionError, match="released while free"):
+    pool.release(a[:1])
