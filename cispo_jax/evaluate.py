@@ -80,6 +80,7 @@ class ModelSampler:
   def __init__(self, rl, mesh_cfg, devices=None):
     from cispo_jax import sharding
     from cispo_jax.model import hf_io, logical_axes, param_shapes
+    from cispo_jax.rollout.config import paged_config
     from cispo_jax.rollout.engine import NativeEngine
 
     self.rl = rl
@@ -89,7 +90,8 @@ class ModelSampler:
     shardings = sharding.param_shardings(logical_axes(self.model_cfg), param_shapes(self.model_cfg), self.mesh)
     self.params = hf_io.load_params(rl.model_dir, self.model_cfg, shardings=shardings)
     self.engine = NativeEngine(self.model_cfg, self.tokenizer, self.mesh, shardings,
-                               apply_chat_template=rl.rollout.apply_chat_template, copy_weights=False)
+                               apply_chat_template=rl.rollout.apply_chat_template, copy_weights=False,
+                               paged=paged_config(rl.rollout))
     self.local_rows = self.engine.local_rows
 
   def generate(self, params, examples, key, cfg):

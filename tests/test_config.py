@@ -7,7 +7,7 @@ import pytest
 
 from cispo_jax import cli
 from cispo_jax.config import operative as operative_config
-from cispo_jax.config.operative import RENAMED
+from cispo_jax.config.operative import ADDED, RENAMED
 from cispo_jax.trainer import SECTIONS, RLConfig, RolloutConfig, UpdateConfig
 
 
@@ -141,8 +141,10 @@ def test_a_run_dir_recorded_before_the_split_resumes_and_reads_under_the_new_key
   built = cli.parse()
   old_key = {new: old for old, new in RENAMED.items()}
   old_text = "".join(f"{old_key.get(key, key)} = {value}\n" for key, _, value in
-                     (line.partition(" = ") for line in built["operative"].splitlines()))
+                     (line.partition(" = ") for line in built["operative"].splitlines()) if key not in ADDED)
   assert "RLConfig.temperature = 1.0" in old_text and "RolloutConfig." not in old_text
+  # a key added since reads as its default (each ADDED value is the default config's binding)
+  assert {k: operative_config.bindings(built["operative"])[k] for k in ADDED} == ADDED
   assert operative_config.bindings(old_text) == operative_config.bindings(built["operative"])
   (tmp_path / "operative_config.gin").write_text(old_text)
   operative_config.record_operative_config(str(tmp_path), built["operative"], resuming=True, allow_change=False,

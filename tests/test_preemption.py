@@ -1,5 +1,5 @@
 """Preemption and resume with real processes: kill -9 at random moments (before the first checkpoint,
-during a save), SIGTERM, a corrupted newest checkpoint, a changed config, the README's two-process run.
+during a save), SIGTERM, a corrupted newest checkpoint, a changed config, the two-process run of docs/scale.md.
 
 Each run is `python -m cispo_jax.train` in a fresh interpreter on one CPU device, exactly as a user
 starts it; the reference is the same command run without interruption.
@@ -185,11 +185,11 @@ def test_kill9_sigterm_and_corruption_resume_to_the_uninterrupted_run(model_dir,
   assert (run / f"operative_config.before_{STEPS}.gin").exists()
 
 
-def test_readme_two_process_command_exits_cleanly(model_dir, tmp_path):
-  """The README's multi-process command on one CPU machine (2 processes x 2 devices, fsdp=2, tensor=2):
+def test_docs_two_process_command_exits_cleanly(model_dir, tmp_path):
+  """docs/scale.md's multi-process command on one CPU machine (2 processes x 2 devices, fsdp=2, tensor=2):
   every process exits 0, and the final model and the summary are written."""
-  readme = (REPO / "README.md").read_text()
-  assert "--gin_param=MeshConfig.fsdp=2 --gin_param=MeshConfig.tensor=2" in readme
+  page = (REPO / "docs" / "scale.md").read_text()  # the README links it as "multi-process commands"
+  assert "--gin_param=MeshConfig.fsdp=2 --gin_param=MeshConfig.tensor=2" in page
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -199,7 +199,7 @@ def test_readme_two_process_command_exits_cleanly(model_dir, tmp_path):
     cmd = [sys.executable, "-m", "cispo_jax.train", f"--coordinator_address=127.0.0.1:{port}",
            "--num_processes=2", f"--process_id={pid}", "--gin_param=MeshConfig.fsdp=2",
            "--gin_param=MeshConfig.tensor=2"]
-    # The README's command with a shorter run (its defaults train 150 iterations), bootstrapping its model
+    # The page's command with a shorter run (its defaults train 150 iterations), bootstrapping its model
     # like the default run does: process 0 builds it while process 1 waits at a barrier.
     cmd += _cmd(model_dir, run)[5:] + ["--total_steps", "3", "--gin_param", "BootstrapConfig.sft_steps=20",
                                        "--gin_param", f"BootstrapConfig.cache_dir='{tmp_path / 'bootstrap'}'"]

@@ -23,6 +23,14 @@ _SECTION_FIELDS = {
 }
 RENAMED: dict[str, str] = {f"RLConfig.{field}": f"{section}.{field}"
                            for section, fields in _SECTION_FIELDS.items() for field in fields}
+# Keys added after runs were recorded without them, with the value that behaves as the code before them
+# did: a run directory written then reads as if it held these, so it resumes without a spurious change,
+# while a resume that sets another value is still a change. History, like RENAMED (added 2026-12).
+ADDED: dict[str, str] = {
+    "RolloutConfig.stop_token_ids": "()", "RolloutConfig.stop_strings": "()", "RolloutConfig.engine": "'static'",
+    "RolloutConfig.paged_slots": "64", "RolloutConfig.paged_page_size": "16", "RolloutConfig.paged_num_pages": "0",
+    "RolloutConfig.paged_steps_per_sync": "8",
+}
 
 
 def record_operative_config(run_dir: str, operative: str, *, resuming: bool, allow_change: bool,
@@ -62,14 +70,17 @@ def bindings(text: str) -> dict[str, str]:
 
   A file written before RLConfig was split into sections reads under the new keys (`RLConfig.temperature`
   as `RolloutConfig.temperature`, RENAMED): a run started then resumes without a spurious config
-  change, and analysis finds its settings. This is only for what a run recorded; a gin file or flag that
-  binds an old key is refused (cli.py)."""
+  change, and analysis finds its settings; a key added since (ADDED) reads as the value that behaves as
+  the code before it did. This is only for what a run recorded; a gin file or flag that binds an old key
+  is refused (cli.py)."""
   out = {}
   for line in text.splitlines():
     if line.strip() and not line.lstrip().startswith("#") and " = " in line:
       key, _, value = line.partition(" = ")
       key = key.strip()
       out[RENAMED.get(key, key)] = value.strip()
+  if out:  # a recorded config from before a key existed (ADDED)
+    out.update({k: v for k, v in ADDED.items() if k not in out})
   return out
 
 

@@ -10,6 +10,7 @@ from cispo_jax.rollout.sampling import SamplingConfig
 from cispo_jax.rollout.stops import Stops, resolve_stops
 
 BEHAVIOUR_LOGPS = ("recompute", "sampler")
+ENGINES = ("static", "paged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,14 @@ class RolloutConfig:
   # template's end of turn; stops.py): more token ids, and strings (one token: its id; longer: its tokens).
   stop_token_ids: tuple = ()
   stop_strings: tuple = ()
+  # "static": one batch per call, the cache sized to the budget (sampling.py). "paged": continuous batching
+  # over a paged KV pool (paged/): paged_slots rows at once, pages of paged_page_size positions, a pool of
+  # paged_num_pages pages (0 = every slot at the full budget), paged_steps_per_sync decode steps per host check.
+  engine: str = "static"
+  paged_slots: int = 64
+  paged_page_size: int = 16
+  paged_num_pages: int = 0
+  paged_steps_per_sync: int = 8
   prompt_buckets: tuple = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # padded prompt lengths (one program each)
   # Pipelined off-policy RL (pipeline.py). The rollout of iteration i is sampled by the policy of iteration
   # max(0, i - max_staleness) while the updates in between run; 0 = the synchronous loop (sample, then update).
@@ -50,6 +59,10 @@ class RolloutConfig:
     if not self.temperature > 0:
       raise ValueError(f"RolloutConfig.temperature={self.temperature}; must be > 0")
     at_least(self, ("max_staleness", "rollout_devices"), 0)
+    if self.engine not in ENGINES:
+      raise ValueError(f"RolloutConfig.engine={self.engine!r}; allowed: {list(ENGINES)}")
+    at_least(self, ("paged_slots", "paged_page_size", "paged_steps_per_sync"), 1)
+    at_least(self, ("paged_num_pages",), 0)
     if self.behaviour_logps not in BEHAVIOUR_LOGPS:
       raise ValueError(f"RolloutConfig.behaviour_logps={self.behaviour_logps!r}; allowed: {list(BEHAVIOUR_LOGPS)}")
     if self.weight_sync_every > 1 and not self.pipelined:
@@ -66,6 +79,15 @@ class RolloutConfig:
   def stale(self) -> bool:
     """Whether a rollout can be sampled by an older policy version than the one that trains on it."""
     return self.max_staleness > 0 or self.weight_sync_every > 1
+
+
+def paged_config(ro: RolloutConfig):
+  """The paged engine's config, or None for the static sampler."""
+  if ro.engine != "paged":
+    return None
+  from cispo_jax.rollout.paged import PagedConfig
+  return PagedConfig(num_slots=ro.paged_slots, page_size=ro.paged_page_size, num_pages=ro.paged_num_pages,
+                     steps_per_sync=ro.paged_steps_per_sync)
 
 
 def run_stops(ro: RolloutConfig, tokenizer, model_dir: str | None, vocab_size: int) -> Stops:

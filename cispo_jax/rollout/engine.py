@@ -65,6 +65,20 @@ class RolloutEngine(Protocol):
     """Completions of `examples` by policy `version`: the global batch, as host numpy arrays (one process)
     or as jax Arrays sharded over the batch axes (the native engine leaves them where it sampled them)."""
 
+  def _generate_paged(self, params, tok, mask, key, cfg, host: bool) -> sampling.SampleOutput:
+    from cispo_jax.rollout.paged import generate_paged
+
+    if jax.process_count() > 1:
+      raise ValueError("RolloutConfig.engine='paged' runs on one process for now (this run has "
+                       f"{jax.process_count()}); use engine='static' across hosts")
+    prompts = [row[m > 0].tolist() for row, m in zip(tok, mask)]
+    with jax.set_mesh(self.mesh):
+      out, stats = generate_paged(params, self.model_cfg, prompts, key, cfg, self.paged)
+    self.last_stats = stats  # page and row-step accounting of the last call (benchmarks read it)
+    if host:
+      return out
+    return sampling.SampleOutput(*(jax.device_put(x, self.batch_sharding) for x in out))
+
   def completion_logps(self, out: sampling.SampleOutput, *, version: int, temperature: float,
                        micro_batches: int) -> np.ndarray:
     """The training forward's log-probs [B, N] of `out`'s completions under policy `version`."""
@@ -84,8 +98,9 @@ class NativeEngine:
   """
 
   def __init__(self, model_cfg: ModelConfig, tokenizer, mesh, param_shardings, *, apply_chat_template: bool,
-               copy_weights: bool):
-    self.model_cfg, self.tokenizer, self.mesh = model_cfg, tokenizer, mesh
+               copy_weights: bool, paged=None):
+    """paged: a paged.PagedConfig to sample with the paged engine (continuous batching), else None."""
+    self.model_cfg, self.tokenizer, self.mesh, self.paged = model_cfg, tokenizer, mesh, paged
     self.param_shardings, self.apply_chat_template = param_shardings, apply_chat_template
     self.batch_sharding = sharding.batch_sharding(mesh, 1)
     self.copy_weights = copy_weights
@@ -128,6 +143,8 @@ class NativeEngine:
     params = self.weights(version) if params is None else params
     tok, mask = sampling.encode_prompts(self.tokenizer, [e.prompt for e in examples], cfg,
                                         apply_chat_template=self.apply_chat_template)
+    if self.paged is not None:
+      return self._generate_paged(params, tok, mask, key, cfg, host)
     if jax.process_count() > 1:  # every process must feed the same bucket: the largest any of them needs
       width = int(sharding.allgather_host(np.array([tok.shape[1]])).max())
       pad = ((0, 0), (width - tok.shape[1], 0))
@@ -137,6 +154,20 @@ class NativeEngine:
     with jax.set_mesh(self.mesh):  # the model pins its activations' layout on this mesh
       out = sampling.generate(params, self.model_cfg, tok, mask, key, cfg, batch_sharding=self.batch_sharding)
     return jax.tree.map(sharding.to_host, out) if host else out
+
+  def _generate_paged(self, params, tok, mask, key, cfg, host: bool) -> sampling.SampleOutput:
+    from cispo_jax.rollout.paged import generate_paged
+
+    if jax.process_count() > 1:
+      raise ValueError("RolloutConfig.engine='paged' runs on one process for now (this run has "
+                       f"{jax.process_count()}); use engine='static' across hosts")
+    prompts = [row[m > 0].tolist() for row, m in zip(tok, mask)]
+    with jax.set_mesh(self.mesh):
+      out, stats = generate_paged(params, self.model_cfg, prompts, key, cfg, self.paged)
+    self.last_stats = stats  # page and row-step accounting of the last call (benchmarks read it)
+    if host:
+      return out
+    return sampling.SampleOutput(*(jax.device_put(x, self.batch_sharding) for x in out))
 
   def completion_logps(self, out: sampling.SampleOutput, *, version: int, temperature: float,
                        micro_batches: int) -> jax.Array:

@@ -20,7 +20,7 @@ from cispo_jax.model import hf_io, logical_axes, param_shapes
 from cispo_jax.rl.optim import make_optimizer
 from cispo_jax.rl.train_step import StepConfig, TrainState, epoch_permutations, update_on_rollout
 from cispo_jax.rl.update_plan import group_quantum
-from cispo_jax.rollout.config import run_stops, sampling_config
+from cispo_jax.rollout.config import paged_config, run_stops, sampling_config
 from cispo_jax.rollout.engine import NativeEngine, Rollout, batched_completion_logps
 from cispo_jax.runtime.checkpoint import abstract_like
 from cispo_jax.task import HELDOUT, Scorer, make_sources
@@ -112,7 +112,8 @@ def build_engines(rl, model_cfg, tokenizer, mesh, param_shardings, rollout_devic
   come from the rollout sub-mesh if the devices are split; else from the train mesh, reading the
   trainer's own buffers in lock-step (max_staleness 0) or a copy of them (stale rollouts)."""
   ro = rl.rollout
-  engine = functools.partial(NativeEngine, model_cfg, tokenizer, apply_chat_template=ro.apply_chat_template)
+  engine = functools.partial(NativeEngine, model_cfg, tokenizer, apply_chat_template=ro.apply_chat_template,
+                             paged=paged_config(ro))
   eval_engine = engine(mesh, param_shardings, copy_weights=False)
   if not rollout_devices:
     return eval_engine, engine(mesh, param_shardings, copy_weights=ro.stale)

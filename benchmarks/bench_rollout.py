@@ -1,0 +1,135 @@
+"""Rollout at long-tailed lengths: the paged engine (continuous batching) vs the static sampler.
+
+--mode budgets (issue 20's scheduling target): a random model (default the 27M shape: hidden 512, 8 layers,
+8 heads / 8 KV, MLP 1536, vocab 1024), `--requests` prompts of 16-48 tokens, per-request budgets drawn with a
+fixed seed from a long-tailed (log-normal) distribution scaled to mean `--mean`, capped at `--max`, and no
+stop ids, so every length is exact. The static sampler runs one batch to the largest budget (it has one
+budget); only each request's own budget of tokens counts as useful for either. Both run in one process,
+taking turns, after a warm-up call each (the compiles); medians.
+
+--mode live: the same completions under two budgets. A random 2-layer model (vocab 128, hidden 128) whose
+rows stop on their own (on token 1), 64 rows; useful tokens/s under --budgets (default 1024 and 4096), and
+the fraction of row-steps that produced a kept token, for both engines.
+
+  python benchmarks/bench_rollout.py --mode budgets [--requests 256 --mean 256 --max 2048 --slots 64 --runs 2]
+  python benchmarks/bench_rollout.py --mode live [--budgets 1024 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def long_tailed_budgets(n: int, mean: float, cap: int, seed: int = 0):
+  import numpy as np
+  rs = np.random.RandomState(seed)
+  x = rs.lognormal(0.0, 1.0, n)
+  b = np.clip(np.round(x / x.mean() * mean), 1, cap).astype(int)
+  return b.tolist()
+
+
+def _model(hidden, layers, heads, kv, mlp, vocab, scale):
+  import jax
+  from cispo_jax.model import ModelConfig, init_params
+  cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_layers=layers, num_heads=heads,
+                    num_kv_heads=kv, head_dim=hidden // heads, qkv_bias=True)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  return cfg, jax.tree.map(lambda x: x * scale if x.ndim > 1 else x, params)
+
+
+def _static(params, cfg, prompts, key, sc):
+  import jax
+  import numpy as np
+  from cispo_jax.rollout import sampling
+  W = max(map(len, prompts))
+  tok, mask = np.zeros((len(prompts), W), np.int32), np.zeros((len(prompts), W), np.int32)
+  for i, p in enumerate(prompts):
+    tok[i, W - len(p):], mask[i, W - len(p):] = p, 1
+  return jax.block_until_ready(sampling.generate(params, cfg, tok, mask, key, sc))
+
+
+def budgets_mode(args):
+  import jax
+  import numpy as np
+  from cispo_jax.rollout.paged import PagedConfig, generate_paged
+  from cispo_jax.rollout.sampling import SamplingConfig
+
+  cfg, params = _model(512, 8, 8, 8, 1536, 1024, 1.0)
+  rs = np.random.RandomState(1)
+  prompts = [rs.randint(2, cfg.vocab_size, rs.randint(16, 49)).tolist() for _ in range(args.requests)]
+  budgets = long_tailed_budgets(args.requests, args.mean, args.max)
+  useful = sum(budgets)
+  sc = SamplingConfig(max_new_tokens=max(budgets), stop_token_ids=(), prompt_buckets=(64,), num_samples=1)
+  paged = PagedConfig(num_slots=args.slots, page_size=args.page_size, steps_per_sync=args.k)
+  key = jax.random.PRNGKey(0)
+  print(f"{args.requests} requests, budgets mean {np.mean(budgets):.0f} median {np.median(budgets):.0f} "
+        f"max {max(budgets)}; {useful} useful tokens; static batch to {max(budgets)}; paged {paged}")
+  run_static = lambda: _static(params, cfg, prompts, key, sc)  # noqa: E731
+  run_paged = lambda: generate_paged(params, cfg, prompts, key, sc, paged, budgets=budgets)  # noqa: E731
+  _time(run_static), _time(run_paged)  # the compiles
+  ts, tp = [], []
+  for _ in range(args.runs):
+    ts.append(_time(run_static))
+    tp.append(_time(run_paged))
+  _, stats = run_paged()
+  s, p = statistics.median(ts), statistics.median(tp)
+  print(f"static: {s:.1f} s, {useful / s:.0f} useful tokens/s; paged: {p:.1f} s, {useful / p:.0f} useful tokens/s; "
+        f"paged / static = {s / p:.2f}x; paged row-steps useful {stats['useful_row_steps'] / stats['row_steps']:.1%}, "
+        f"static {useful / (args.requests * max(budgets)):.1%}; peak pages {stats['peak_used']} of {stats['num_pages']}")
+
+
+def live_mode(args):
+  import jax
+  import numpy as np
+  from cispo_jax.rollout.paged import PagedConfig, generate_paged
+  from cispo_jax.rollout.sampling import SamplingConfig
+
+  cfg, params = _model(128, 2, 4, 2, 256, 128, 1.0)
+  rs = np.random.RandomState(0)
+  prompts = [rs.randint(2, cfg.vocab_size, 8).tolist() for _ in range(64)]
+  key = jax.random.PRNGKey(3)
+  for budget in args.budgets:
+    sc = SamplingConfig(max_new_tokens=budget, stop_token_ids=(1,), prompt_buckets=(8,), num_samples=1)
+    paged = PagedConfig(num_slots=args.slots, page_size=args.page_size, steps_per_sync=args.k)
+    run_static = lambda: _static(params, cfg, prompts, key, sc)  # noqa: E731
+    run_paged = lambda: generate_paged(params, cfg, prompts, key, sc, paged)  # noqa: E731
+    out_s, out_p = run_static(), run_paged()
+    tokens = int(np.asarray(out_s.lengths_B).sum())
+    ts = statistics.median(_time(run_static) for _ in range(args.runs))
+    tp = statistics.median(_time(run_paged) for _ in range(args.runs))
+    stats = out_p[1]
+    steps = int(np.asarray(out_s.lengths_B).max())
+    print(f"budget {budget}: {tokens} tokens (mean {tokens / 64:.0f}, longest {steps}); static {tokens / ts:.0f} "
+          f"tokens/s, row-steps useful {tokens / (64 * steps):.0%}; paged {tokens / tp:.0f} tokens/s, row-steps "
+          f"useful {stats['useful_row_steps'] / stats['row_steps']:.0%}")
+
+
+def _time(fn):
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--mode", choices=("budgets", "live"), default="budgets")
+  ap.add_argument("--requests", type=int, default=256)
+  ap.add_argument("--mean", type=float, default=256)
+  ap.add_argument("--max", type=int, default=2048)
+  ap.add_argument("--slots", type=int, default=64)
+  ap.add_argument("--page_size", type=int, default=16)
+  ap.add_argument("--k", type=int, default=8, help="decode steps between host checks")
+  ap.add_argument("--runs", type=int, default=2)
+  ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 4096])
+  args = ap.parse_args()
+  budgets_mode(args) if args.mode == "budgets" else live_mode(args)
+
+
+if __name__ == "__main__":
+  main()
