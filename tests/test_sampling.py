@@ -286,3 +286,38 @@ def test_decode_unrolled_on_gpu_samples_the_same(model, prompts, greedy_out):
   np.testing.assert_array_equal(a.tokens_BxN, b.tokens_BxN)
   np.testing.assert_array_equal(a.tokens_BxN, greedy_out.tokens_BxN)
   np.testing.assert_allclose(a.logps_BxN, b.logps_BxN, atol=1e-5)
+
+
+def _exact_top_p(x, top_p):
+  """The filter by a full sort (the definition): the shortest prefix by logit whose mass reaches top_p."""
+  s = -np.sort(-x, axis=-1)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  before = np.cumsum(p, -1) - p
+  cut = np.where(before < top_p, s, np.inf).min(-1, keepdims=True)
+  return x >= cut, np.abs(before - top_p).min(-1)
+
+
+@pytest.mark.parametrize("top_k,top_p,scale", [(0, 0.9, 6.0), (0, 0.99, 0.01), (50, 0.8, 1.0), (0, 0.5, 8.0)])
+def test_top_p_from_candidates_keeps_the_exact_set(top_k, top_p, scale):
+  """Top-p searches the top candidates (a partial top-k), not a sort of the vocabulary; flat rows (scale 0.01:
+  the best 256 of 4096 hold far less than 0.99) fall back to the full sort. Either way the kept set is the
+  full sort's, except in a row whose cut sits within float rounding of a prefix mass (a tie)."""
+  from cispo_jax.rollout.filters import TOP_P_CANDIDATES, filter_logits
+
+  rs = np.random.RandomState(int(top_p * 100) + top_k)
+  x = (rs.standard_normal((16, 4096)) * scale).astype(np.float32)
+  cfg = SamplingConfig(top_k=top_k, top_p=top_p)
+  got = np.asarray(filter_logits(jnp.asarray(x), cfg)) > -1e29
+  ref_x = x
+  if top_k:
+    ref_x = np.where(x >= np.sort(x, -1)[:, -top_k:-top_k + 1], x, -np.inf)
+  want, margin = _exact_top_p(ref_x, top_p)
+  clear = margin > 1e-5  # rows whose cut is not a rounding tie
+  assert clear.sum() >= 14
+  np.testing.assert_array_equal(got[clear], want[clear])
+  kept = want.sum(-1)
+  if scale == 0.01:
+    assert kept.min() > TOP_P_CANDIDATES  # the fallback really ran
+  else:
+    assert 1 <= kept.max() <= (top_k or TOP_P_CANDIDATES)
