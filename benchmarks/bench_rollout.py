@@ -13,6 +13,13 @@ the fraction of row-steps that produced a kept token, for both engines.
 
   python benchmarks/bench_rollout.py --mode budgets [--requests 256 --mean 256 --max 2048 --slots 64 --runs 2]
   python benchmarks/bench_rollout.py --mode live [--budgets 1024 4096]
+
+--mode memory (compile only, no run): Qwen2.5-0.5B shapes in bf16, --slots 256 rows, a 16k budget. The paged
+decode program with a pool sized for --live_tokens (4096) live tokens a slot on average, against the static
+sampler's program for the same 256 rows and budget: argument (the KV pool / nothing), temp and output bytes
+from XLA's memory_analysis().
+
+  python benchmarks/bench_rollout.py --mode memory [--slots 256 --budget 16384 --live_tokens 4096]
 """
 
 from __future__ import annotations
@@ -110,6 +117,41 @@ def live_mode(args):
           f"useful {stats['useful_row_steps'] / stats['row_steps']:.0%}")
 
 
+def memory_mode(args):
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  from cispo_jax.model import param_shapes
+  from cispo_jax.rollout import sampling
+  from cispo_jax.rollout.paged import step
+  from cispo_jax.scale.memory import QWEN25
+
+  cfg = dataclasses.replace(QWEN25["0.5B"], param_dtype="bfloat16", remat=False)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), param_shapes(cfg))
+  S, ps, N = args.slots, args.page_size, args.budget
+  pages = 1 + S * args.live_tokens // ps
+  pool = jax.eval_shape(lambda: step.init_pool(cfg, pages, ps))
+  M = -(-(N + 128) // ps)  # the worst burst: some slot at its full budget after a 128-token prompt
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  state = {"token": i32(S), "pos": i32(S), "t": i32(S), "active": jax.ShapeDtypeStruct((S,), bool),
+           "budget": i32(S), "key": jax.ShapeDtypeStruct((S, 2), jnp.uint32), "table": i32(S, M), "recent": i32(S, 1)}
+  sc = sampling.SamplingConfig(max_new_tokens=N, temperature=1.0, stop_token_ids=(1,), prompt_buckets=(128,))
+  gib = 2 ** 30
+  paged = step.decode_burst.lower(params, pool, state, cfg=cfg, scfg=sc, steps=args.k).compile().memory_analysis()
+  pool_b = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pool))
+  print(f"paged: pool {pages} pages x {ps} = {pages * ps / S:.0f} live tokens a slot on average: {pool_b / gib:.2f} GiB; "
+        f"decode program temp {paged.temp_size_in_bytes / gib:.2f} GiB (the gathered pages of the longest "
+        f"bucket, {M} pages, one layer at a time), arguments {paged.argument_size_in_bytes / gib:.2f} GiB")
+  core = jax.jit(lambda p, t, m, r: sampling._generate_core(p, t, m, r, model_cfg=cfg, cfg=sc, share_prefill=False,
+                                                             sharding=None))
+  static = core.lower(params, i32(S, 128), i32(S, 128), jax.ShapeDtypeStruct((2,), jnp.uint32)).compile()
+  mem = static.memory_analysis()
+  print(f"static: decode program temp {mem.temp_size_in_bytes / gib:.2f} GiB (its KV cache is "
+        f"[{cfg.num_layers}, {S}, {128 + N - 1}, {cfg.num_kv_heads}, {cfg.head_dim}] x 2, sized by the budget), "
+        f"arguments {mem.argument_size_in_bytes / gib:.2f} GiB")
+
+
 def _time(fn):
   t = time.perf_counter()
   fn()
@@ -118,7 +160,9 @@ def _time(fn):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--mode", choices=("budgets", "live"), default="budgets")
+  ap.add_argument("--mode", choices=("budgets", "live", "memory"), default="budgets")
+  ap.add_argument("--budget", type=int, default=16384)
+  ap.add_argument("--live_tokens", type=int, default=4096)
   ap.add_argument("--requests", type=int, default=256)
   ap.add_argument("--mean", type=float, default=256)
   ap.add_argument("--max", type=int, default=2048)
@@ -128,7 +172,7 @@ def main():
   ap.add_argument("--runs", type=int, default=2)
   ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 4096])
   args = ap.parse_args()
-  budgets_mode(args) if args.mode == "budgets" else live_mode(args)
+  {"budgets": budgets_mode, "live": live_mode, "memory": memory_mode}[args.mode](args)
 
 
 if __name__ == "__main__":

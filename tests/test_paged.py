@@ -161,3 +161,28 @@ def test_page_pool_accounting():
   assert pool.all_free() and pool.stats.peak_used == 3 and pool.stats.freed == 3
   with pytest.raises(AssertionError, match="released while free"):
     pool.release(a[:1])
+
+
+def test_the_trainer_and_its_eval_run_on_the_paged_engine(model_dir, tmp_path):
+  """RolloutConfig.engine='paged': the loop, the rewards and the eval read its rollouts as the static sampler's."""
+  from cispo_jax.rl import losses
+  from cispo_jax.rl.optim import OptimConfig
+  from cispo_jax.sharding import MeshConfig
+  from cispo_jax.task import TaskConfig
+  from cispo_jax.trainer import RLConfig, Trainer
+
+  def trainer(engine, run):
+    rl = RLConfig().replace(run_dir=str(tmp_path / run), model_dir=model_dir, total_steps=2, prompts_per_step=8,
+                            num_generations=4, max_new_tokens=8, eval_size=8, eval_every=2, export_final=False,
+                            engine=engine, paged_slots=6, paged_page_size=4, paged_steps_per_sync=3)
+    return Trainer(rl, losses.LossConfig(), OptimConfig(), MeshConfig(fsdp=2), TaskConfig(), devices=jax.devices()[:2])
+
+  paged, static = trainer("paged", "paged"), trainer("static", "static")
+  try:
+    assert paged.engine.paged is not None and static.engine.paged is None
+    assert paged.evaluate()["eval/pass_at_1"] == static.evaluate()["eval/pass_at_1"]  # greedy: the same rows
+    summary = paged.run()
+    assert summary["iterations"] == 2 and paged.engine.last_stats["pages_all_freed"]
+  finally:
+    paged.close()
+    static.close()

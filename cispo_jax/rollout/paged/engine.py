@@ -76,7 +76,8 @@ class PagedGenerator:
     self._check_requests()
     ps = paged.page_size
     need = max(-(-(len(p) + b) // ps) + 1 for p, b in zip(self.prompts, self.budgets))
-    num_pages = paged.num_pages or 1 + paged.num_slots * need + len(self.prompts) * need
+    # default: every slot at its full budget, beside the pages of its prompt (one prompt a slot at most)
+    num_pages = paged.num_pages or 1 + paged.num_slots * (need + max(-(-len(p) // ps) for p in self.prompts))
     if num_pages - 1 < need:
       raise ValueError(f"PagedConfig.num_pages={num_pages} cannot hold one request: the longest prompt plus its "
                        f"budget (SamplingConfig.max_new_tokens) needs {need} pages of PagedConfig.page_size={ps} "
