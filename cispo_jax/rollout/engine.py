@@ -65,20 +65,6 @@ class RolloutEngine(Protocol):
     """Completions of `examples` by policy `version`: the global batch, as host numpy arrays (one process)
     or as jax Arrays sharded over the batch axes (the native engine leaves them where it sampled them)."""
 
-  def _generate_paged(self, params, tok, mask, key, cfg, host: bool) -> sampling.SampleOutput:
-    from cispo_jax.rollout.paged import generate_paged
-
-    if jax.process_count() > 1:
-      raise ValueError("RolloutConfig.engine='paged' runs on one process for now (this run has "
-                       f"{jax.process_count()}); use engine='static' across hosts")
-    prompts = [row[m > 0].tolist() for row, m in zip(tok, mask)]
-    with jax.set_mesh(self.mesh):
-      out, stats = generate_paged(params, self.model_cfg, prompts, key, cfg, self.paged)
-    self.last_stats = stats  # page and row-step accounting of the last call (benchmarks read it)
-    if host:
-      return out
-    return sampling.SampleOutput(*(jax.device_put(x, self.batch_sharding) for x in out))
-
   def completion_logps(self, out: sampling.SampleOutput, *, version: int, temperature: float,
                        micro_batches: int) -> np.ndarray:
     """The training forward's log-probs [B, N] of `out`'s completions under policy `version`."""

@@ -6,14 +6,7 @@ tensor with `safe_open`, converted to our layout and cast one at a time, so a lo
 never holds two full copies of the model. Pickle weights (.bin/.pt/.pth) are refused
 and no remote code runs.
 
-Layout differences from HF (torch Linear stores weight [out, in]); a layer tensor
-`model.layers.{i}.*` is slice i of a stacked [L, ...] array under `layers/`:
-  q/k/v_proj.weight [n*D, E]  <-> attn/{q,k,v}_kernel [E, n, D]
-  o_proj.weight     [E, H*D]  <-> attn/o_kernel       [H, D, E]
-  gate/up_proj      [F, E]    <-> mlp/{gate,up}_kernel [E, F];  down_proj [E, F] <-> [F, E]
-  lm_head.weight    [V, E]    <-> lm_head             [E, V]
-
-Three modules: config.py (config.json <-> ModelConfig), weights.py (safetensors <-> our param tree),
+Three modules: config.py (config.json <-> ModelConfig), weights.py (safetensors <-> our param tree; its docstring gives the layout),
 tokenizer.py (the tokenizer, checked against the model).
 """
 
