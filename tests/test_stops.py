@@ -1,6 +1,7 @@
 """Stop tokens: the checkpoint's (tokenizer eos, generation_config.json, the chat template's end of turn)
 and the run's (RolloutConfig.stop_token_ids / stop_strings), and a sampler that ends rows on any of them."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -103,17 +104,12 @@ def test_stop_strings_one_token_and_several(tiny):
   got = run_stops(RolloutConfig(stop_strings=(tok.decode(pair), "+")), tok, path, cfg.vocab_size)
   assert got.sequences == (tuple(pair),)
   assert tok.convert_tokens_to_ids("+") in got.token_ids  # a one-token string is a stop id
-  tokens, lengths2, stopped = _sample(tiny, dataclass_replace(got, token_ids=base.token_ids), greedy=True, n=1)
+  tokens, lengths2, stopped = _sample(tiny, dataclasses.replace(got, token_ids=base.token_ids), greedy=True, n=1)
   assert stopped[0] and lengths2[0] == first + 2 and tokens[0, :first + 2].tolist() == row[:first + 2]
   assert lengths2[1:].tolist() == [min(k, next((i + 2 for i in range(len(r) - 1) if r[i:i + 2].tolist() == pair), k))
                                    for r, k in zip(free[1:], lengths[1:])]
   with pytest.raises(ValueError, match=r"RolloutConfig.stop_strings holds ''"):
     run_stops(RolloutConfig(stop_strings=("",)), tok, path, cfg.vocab_size)
-
-
-def dataclass_replace(x, **kw):
-  import dataclasses
-  return dataclasses.replace(x, **kw)
 
 
 def test_trainer_warns_when_no_completion_stopped(model_dir, tmp_path, caplog):
@@ -126,8 +122,7 @@ def test_trainer_warns_when_no_completion_stopped(model_dir, tmp_path, caplog):
   rl = RLConfig().replace(run_dir=str(tmp_path), model_dir=model_dir, total_steps=1, prompts_per_step=4,
                           num_generations=2, max_new_tokens=4, eval_size=4, export_final=False)
   trainer = Trainer(rl, losses.LossConfig(), OptimConfig(), MeshConfig(fsdp=1), TaskConfig(), devices=jax.devices()[:1])
-  trainer.train_sampling = dataclass_replace(trainer.train_sampling, stop_token_ids=())
-  trainer._make_rollout.train_sampling = trainer.train_sampling
+  trainer.train_sampling = dataclasses.replace(trainer.train_sampling, stop_token_ids=())
   try:
     with caplog.at_level(logging.WARNING, logger="cispo_jax.trainer.loop"):
       metrics = trainer.step()

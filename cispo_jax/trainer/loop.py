@@ -75,9 +75,9 @@ class Trainer:
                                                         st.param_shardings, rollout_devices)
     data = parts.build_data(rl, task, self.tokenizer, self.model_cfg)
     self.stream, self.eval_sets = data.stream, data.eval_sets
-    self.train_sampling = sampling_config(rl.rollout, self.tokenizer, self.stops, greedy=False,
-                                         n=rl.rollout.num_generations)
-    self._make_rollout = RolloutMaker(rl, self.engine, self.stream, data.scorer, self.tokenizer, self.train_sampling)
+    train_sampling = sampling_config(rl.rollout, self.tokenizer, self.stops, greedy=False,
+                                     n=rl.rollout.num_generations)
+    self._make_rollout = RolloutMaker(rl, self.engine, self.stream, data.scorer, self.tokenizer, train_sampling)
     self.evaluator = parts.build_evaluator(rl, task, self.eval_engine, self.tokenizer, data.scorer, self.stops)
     self.fns = parts.build_update(rl, self.loss_cfg, self.model_cfg, st.tx, st.schedule, self.mesh,
                                   self.state_shardings, self.batch_sharding, use_ref=self.ref_params is not None)
@@ -125,14 +125,11 @@ class Trainer:
     self.profiler = IterationProfiler(rl.profile_iterations, os.path.join(rl.run_dir, "profile"), self.main)
     self.compile_clock, self.time_totals = CompileClock(), {}
 
-  @property
-  def scorer(self):
-    """The rewards of training rollouts (a test may swap in its own)."""
-    return self._make_rollout.scorer
-
-  @scorer.setter
-  def scorer(self, scorer):
-    self._make_rollout.scorer = scorer
+  # The rollout maker's scorer and sampling config (a test may swap in its own).
+  scorer = property(lambda self: self._make_rollout.scorer,
+                    lambda self, v: setattr(self._make_rollout, "scorer", v))
+  train_sampling = property(lambda self: self._make_rollout.train_sampling,
+                            lambda self, v: setattr(self._make_rollout, "train_sampling", v))
 
   @property
   def rollout_intervals(self) -> list[tuple[float, float]]:
