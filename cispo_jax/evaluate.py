@@ -87,7 +87,9 @@ class ModelSampler:
     self.mesh = sharding.make_mesh(mesh_cfg, devices)
     self.model_cfg = hf_io.load_config(rl.model_dir, **dataclasses.asdict(rl.model_run))
     self.tokenizer = hf_io.load_tokenizer(rl.model_dir)
-    shardings = sharding.param_shardings(logical_axes(self.model_cfg), param_shapes(self.model_cfg), self.mesh)
+    # nothing trains here: the weights are read straight into the decode layout
+    shardings = sharding.param_shardings(logical_axes(self.model_cfg), param_shapes(self.model_cfg), self.mesh,
+                                         sharding.DECODE_RULES)
     self.params = hf_io.load_params(rl.model_dir, self.model_cfg, shardings=shardings)
     self.engine = NativeEngine(self.model_cfg, self.tokenizer, self.mesh, shardings,
                                apply_chat_template=rl.rollout.apply_chat_template, copy_weights=False,

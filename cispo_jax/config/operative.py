@@ -29,7 +29,7 @@ RENAMED: dict[str, str] = {f"RLConfig.{field}": f"{section}.{field}"
 ADDED: dict[str, str] = {
     "RolloutConfig.stop_token_ids": "()", "RolloutConfig.stop_strings": "()", "RolloutConfig.engine": "'static'",
     "RolloutConfig.paged_slots": "64", "RolloutConfig.paged_page_size": "16", "RolloutConfig.paged_num_pages": "0",
-    "RolloutConfig.paged_steps_per_sync": "8",
+    "RolloutConfig.paged_steps_per_sync": "8", "RolloutConfig.rollout_tensor": "1",
 }
 
 

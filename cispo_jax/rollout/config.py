@@ -42,10 +42,12 @@ class RolloutConfig:
   # Pipelined off-policy RL (pipeline.py). The rollout of iteration i is sampled by the policy of iteration
   # max(0, i - max_staleness) while the updates in between run; 0 = the synchronous loop (sample, then update).
   max_staleness: int = 0
-  # > 0: the first rollout_devices devices sample (a rollout sub-mesh, FSDP over them) and the rest train
-  # (the run's MeshConfig applies to those); weights are copied over after each update (or each
-  # weight_sync_every-th). 0 = colocated.
+  # > 0: the first rollout_devices devices sample (a rollout sub-mesh) and the rest train (the run's
+  # MeshConfig applies to those); weights are copied over after each update (or each weight_sync_every-th).
+  # 0 = colocated. Every engine samples in the decode layout (sharding.DECODE_RULES): weights split over the
+  # mesh's `tensor` axis only, requests over the others; rollout_tensor is the sub-mesh's tensor size.
   rollout_devices: int = 0
+  rollout_tensor: int = 1
   # The old log-probs of a stale rollout (the behaviour policy's): "recompute" = a training forward at the
   # version that sampled it, on the rollout devices; "sampler" = the sampler's own log-probs.
   behaviour_logps: str = "recompute"
@@ -55,7 +57,7 @@ class RolloutConfig:
   weight_sync_every: int = 1
 
   def __post_init__(self):
-    at_least(self, ("num_generations", "max_new_tokens", "weight_sync_every"), 1)
+    at_least(self, ("num_generations", "max_new_tokens", "weight_sync_every", "rollout_tensor"), 1)
     if not self.temperature > 0:
       raise ValueError(f"RolloutConfig.temperature={self.temperature}; must be > 0")
     at_least(self, ("max_staleness", "rollout_devices"), 0)

@@ -76,10 +76,12 @@ class RolloutEngine(Protocol):
 class NativeEngine:
   """cispo_jax's jitted sampler on a mesh: the trainer's own (colocated) or a rollout sub-mesh.
 
-  `copy_weights=False` (colocated, lock-step with the update: max_staleness 0) samples with the
-  trainer's own buffers, as the synchronous loop always did. Otherwise load_weights copies them:
-  a jitted copy on the same devices, or a transfer to this mesh's devices with its own shardings
-  (device_put), finished before it returns, since the next update donates the source buffers.
+  `param_shardings` is the engine's decode layout (sharding.DECODE_RULES: tensor-parallel, replicated
+  over the batch axes, which split the requests), so sampling never gathers a weight. load_weights puts
+  each version into it once: a jitted reshard on the same devices, or a transfer to this mesh's devices
+  (device_put), finished before it returns, since the next update donates the source buffers. Where the
+  trainer's layout already is the decode layout (one device, a data-parallel mesh) and
+  `copy_weights=False` (colocated, lock-step: max_staleness 0), it samples with the trainer's own buffers.
   Weights are kept per version until release_below drops them.
   """
 
@@ -95,13 +97,21 @@ class NativeEngine:
     self._copy = jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p), out_shardings=param_shardings)
 
   def load_weights(self, params, version: int) -> None:
-    if self.copy_weights:
-      leaf = jax.tree.leaves(params)[0]
-      same = set(leaf.sharding.device_set) == set(self.mesh.devices.flat)
-      params = self._copy(params) if same else jax.device_put(params, self.param_shardings)
-      jax.block_until_ready(params)
+    params = self.to_layout(params, copy=self.copy_weights)
     with self._lock:
       self._weights[version] = params
+
+  def in_layout(self, params) -> bool:
+    return all(isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim)
+               for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(self.param_shardings)))
+
+  def to_layout(self, params, *, copy: bool):
+    """`params` in this engine's decode layout: themselves if they are in it already (unless copy)."""
+    if self.in_layout(params) and not copy:
+      return params
+    leaf = jax.tree.leaves(params)[0]
+    same = set(leaf.sharding.device_set) == set(self.mesh.devices.flat)
+    return jax.block_until_ready(self._copy(params) if same else jax.device_put(params, self.param_shardings))
 
   def weights(self, version: int):
     with self._lock:
@@ -126,7 +136,7 @@ class NativeEngine:
     """Sample on this engine's mesh with policy `version` (or `params`, which must live on this mesh).
     The outputs are global arrays, sharded over this mesh's batch axes, where the sampler left them;
     host=True gathers them to host numpy arrays of the full global batch on every process."""
-    params = self.weights(version) if params is None else params
+    params = self.weights(version) if params is None else self.to_layout(params, copy=False)
     tok, mask = sampling.encode_prompts(self.tokenizer, [e.prompt for e in examples], cfg,
                                         apply_chat_template=self.apply_chat_template)
     if self.paged is not None:

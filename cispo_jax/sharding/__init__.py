@@ -8,7 +8,7 @@
 cispo_jax/scale/memory.py: it reads the model, which itself reads these rules).
 """
 
-from cispo_jax.sharding.mesh import (AXES, BATCH_AXES, CACHE_AXES, RULES, MeshConfig, axis_sizes,
+from cispo_jax.sharding.mesh import (AXES, BATCH_AXES, CACHE_AXES, DECODE_RULES, RULES, MeshConfig, axis_sizes,
                                      batch_sharding, cache_sharding, make_mesh, optimizer_logical_axes,
                                      param_shardings, replicated, resolve_spec, shard_init, shard_shape)
 from cispo_jax.sharding.multihost import (allgather_host, host_local_batch_to_global, initialize_distributed,

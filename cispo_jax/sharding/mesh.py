@@ -41,6 +41,12 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
 )
 
+# The decode layout: weights split only by tensor parallelism (heads, MLP width, vocab) and replicated
+# over data x fsdp, which split the requests instead. Sampling reads every weight once per token, so
+# FSDP's layout would gather the whole model on every device at every step (or, hoisted by XLA out of
+# the decode loop, hold a gathered copy for the whole rollout); this one never gathers a weight.
+DECODE_RULES: tuple[tuple[str, Any], ...] = tuple((n, None if n == "embed" else m) for n, m in RULES)
+
 # KV cache [layers, B, S, kv_heads, head_dim] (cispo_jax.model.init_cache).
 CACHE_AXES = P("layers", "batch", "length", "kv_heads", "head_dim")
 

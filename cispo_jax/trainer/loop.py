@@ -72,7 +72,7 @@ class Trainer:
     self.state, self.state_shardings, self.batch_sharding = st.state, st.state_shardings, st.batch_sharding
     self.ref_params = st.ref_params
     self.eval_engine, self.engine = parts.build_engines(rl, self.model_cfg, self.tokenizer, self.mesh,
-                                                        st.param_shardings, rollout_devices)
+                                                        rollout_devices)
     data = parts.build_data(rl, task, self.tokenizer, self.model_cfg)
     self.stream, self.eval_sets = data.stream, data.eval_sets
     train_sampling = sampling_config(rl.rollout, self.tokenizer, self.stops, greedy=False,

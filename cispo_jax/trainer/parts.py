@@ -107,19 +107,23 @@ def build_state(rl, loss_cfg, optim, mesh, model_cfg) -> ShardedState:
                       ref_params)
 
 
-def build_engines(rl, model_cfg, tokenizer, mesh, param_shardings, rollout_devices):
+def build_engines(rl, model_cfg, tokenizer, mesh, rollout_devices):
   """(eval engine, rollout engine). Eval samples on the train mesh with the current params. Rollouts
   come from the rollout sub-mesh if the devices are split; else from the train mesh, reading the
   trainer's own buffers in lock-step (max_staleness 0) or a copy of them (stale rollouts)."""
   ro = rl.rollout
   engine = functools.partial(NativeEngine, model_cfg, tokenizer, apply_chat_template=ro.apply_chat_template,
                              paged=paged_config(ro))
-  eval_engine = engine(mesh, param_shardings, copy_weights=False)
+  decode_layout = lambda m: sharding.param_shardings(  # noqa: E731
+      logical_axes(model_cfg), param_shapes(model_cfg), m, sharding.DECODE_RULES)
+  eval_engine = engine(mesh, decode_layout(mesh), copy_weights=False)
   if not rollout_devices:
-    return eval_engine, engine(mesh, param_shardings, copy_weights=ro.stale)
-  rollout_mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1), rollout_devices)
-  shardings = sharding.param_shardings(logical_axes(model_cfg), param_shapes(model_cfg), rollout_mesh)
-  return eval_engine, engine(rollout_mesh, shardings, copy_weights=True)
+    return eval_engine, engine(mesh, decode_layout(mesh), copy_weights=ro.stale)
+  if len(rollout_devices) % ro.rollout_tensor:
+    raise ValueError(f"RolloutConfig.rollout_tensor={ro.rollout_tensor} does not divide the "
+                     f"RolloutConfig.rollout_devices={len(rollout_devices)} devices of the rollout sub-mesh")
+  rollout_mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=ro.rollout_tensor), rollout_devices)
+  return eval_engine, engine(rollout_mesh, decode_layout(rollout_mesh), copy_weights=True)
 
 
 # --- data and evaluation --------------------------------------------------------------------------

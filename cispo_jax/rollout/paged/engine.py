@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cispo_jax import sharding
 from cispo_jax.model import ModelConfig
 from cispo_jax.rollout import sampling
 from cispo_jax.rollout.paged import step as dev
@@ -31,9 +32,12 @@ class PagedConfig:
   page_size: int = 16  # positions a page holds
   num_pages: int = 0  # the pool, page 0 included; 0 = every slot at the longest prompt + full budget
   steps_per_sync: int = 8  # decode steps on the device between two host checks
+  # the decode batch is the running rows packed into the next of these sizes per octave of slots (one
+  # program each): more sizes waste fewer row-steps as the queue drains, and compile more programs
+  slot_sizes_per_octave: int = 4
 
   def __post_init__(self):
-    for name in ("num_slots", "page_size", "steps_per_sync"):
+    for name in ("num_slots", "page_size", "steps_per_sync", "slot_sizes_per_octave"):
       if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
         raise ValueError(f"PagedConfig.{name}={getattr(self, name)!r}; must be an int >= 1")
     if self.num_pages < 0:
@@ -55,6 +59,14 @@ class _Row:
 
 def _bucket(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
+
+
+def slot_size(n: int, num_slots: int, per_octave: int) -> int:
+  """The decode batch for n running rows: the smallest of `per_octave` evenly spaced sizes in n's octave
+  (for 64 slots and 4: ... 16, 20, 24, 28, 32, 40, 48, 56, 64) that holds n; at most num_slots."""
+  lo = _bucket(n) // 2
+  step = max(1, lo // per_octave)
+  return min(num_slots, max(1, -(-n // step) * step))
 
 
 def row_keys(key, n_prompts: int, n: int) -> np.ndarray:
@@ -91,6 +103,9 @@ class PagedGenerator:
     self.prompt_pages: dict[int, list] = {}
     self._clock = 0
     self.slots: list[_Row | None] = [None] * paged.num_slots
+    # on a mesh, device batches are multiples of the batch axes' size (the slots split over them)
+    mesh = jax.sharding.get_abstract_mesh()
+    self.granule = 1 if mesh.empty else int(np.prod([mesh.shape.get(a, 1) for a in sharding.BATCH_AXES]))
     self.row_steps = self.useful_steps = 0
 
   def _check_requests(self):
@@ -168,7 +183,7 @@ class PagedGenerator:
   # --- device calls ---------------------------------------------------------------------------------
   def _prefill(self, prompts: list[int]):
     ps, P = self.pool.page_size, sampling.bucket_for(max(len(self.prompts[i]) for i in prompts), self.scfg)
-    b = _bucket(len(prompts))
+    b = -(-_bucket(len(prompts)) // self.granule) * self.granule
     tokens = np.full((b, P), self.scfg.pad_token_id, np.int32)
     lengths = np.ones((b,), np.int32)  # padding rows: nothing prefilled
     page = np.zeros((b, P), np.int32)
@@ -187,16 +202,18 @@ class PagedGenerator:
     self.kv = dev.copy_pages(self.kv, src, dst)
 
   def _burst(self):
-    S, k = len(self.slots), self.paged.steps_per_sync
-    M = _bucket(max(len(r.table) for r in self.slots if r is not None))
+    # the running rows, packed into the smallest power-of-two batch that holds them (one program per
+    # size): as the queue drains, the tail's few long rows do not pay for the empty slots
+    running = [row for row in self.slots if row is not None]
+    S = slot_size(len(running), len(self.slots), self.paged.slot_sizes_per_octave)
+    S, k = max(S, -(-S // self.granule) * self.granule), self.paged.steps_per_sync
+    M = _bucket(max(len(r.table) for r in running))
     H = max([1] + [len(s) for s in self.scfg.stop_sequences])
     st = {"token": np.zeros(S, np.int32), "pos": np.zeros(S, np.int32), "t": np.zeros(S, np.int32),
           "active": np.zeros(S, bool), "budget": np.ones(S, np.int32), "key": np.zeros((S,) + self.keys.shape[1:],
                                                                                     self.keys.dtype),
           "table": np.zeros((S, M), np.int32), "recent": np.full((S, H), -1, np.int32)}
-    for i, row in enumerate(self.slots):
-      if row is None:
-        continue
+    for i, row in enumerate(running):
       prompt = self.prompts[row.prompt]
       st["token"][i] = row.tokens[-1] if row.tokens else prompt[-1]
       st["pos"][i] = len(prompt) - 1 + len(row.tokens)
@@ -208,9 +225,7 @@ class PagedGenerator:
     tok, logp, live, stopped = (np.asarray(x) for x in (tok, logp, live, out["stopped"]))
     self.row_steps += S * k
     self.useful_steps += int(live.sum())
-    for i, row in enumerate(self.slots):
-      if row is None:
-        continue
+    for i, row in enumerate(running):
       row.tokens += tok[i][live[i]].tolist()
       row.logps += logp[i][live[i]].tolist()
       if stopped[i] or len(row.tokens) >= row.budget:

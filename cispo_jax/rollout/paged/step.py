@@ -21,11 +21,24 @@ from cispo_jax.model import ModelConfig, forward, init_cache
 from cispo_jax.model.attention import dense_attention
 from cispo_jax.model.transformer import _swiglu, _tokens_matmul, apply_rope, lm_logits, rope_inv_freq
 from cispo_jax.rollout.filters import choose_tokens
+from cispo_jax.sharding.mesh import constrain
 
 
+def _pool_layout(pool):
+  """The pool split by KV heads over `tensor` (as the decode layout splits the heads), whole on every
+  device of the batch axes (their slots index any page); a no-op outside a mesh."""
+  return {n: constrain(x, "layers", None, None, "kv_heads", None) for n, x in pool.items()}
+
+
+def _state_layout(state):
+  """The slots' state split over the batch axes, like the requests."""
+  return {n: constrain(x, "batch", *([None] * (x.ndim - 1))) for n, x in state.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_pages", "page_size"))
 def init_pool(cfg: ModelConfig, num_pages: int, page_size: int):
   shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-  return {"k": jnp.zeros(shape, cfg.jnp_dtype), "v": jnp.zeros(shape, cfg.jnp_dtype)}
+  return _pool_layout({"k": jnp.zeros(shape, cfg.jnp_dtype), "v": jnp.zeros(shape, cfg.jnp_dtype)})
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(1,))
@@ -37,13 +50,13 @@ def prefill(params, pool, tokens_bxP, lengths_b, page_bxP, offset_bxP, *, cfg: M
   positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32)[None], (b, P))
   _, cache = forward(params, cfg, tokens_bxP, positions, valid_bxP, init_cache(cfg, b, P), 0)
   page, off = jnp.where(valid_bxP, page_bxP, 0), jnp.where(valid_bxP, offset_bxP, 0)
-  return {n: pool[n].at[:, page, off].set(cache[n].astype(pool[n].dtype)) for n in ("k", "v")}
+  return _pool_layout({n: pool[n].at[:, page, off].set(cache[n].astype(pool[n].dtype)) for n in ("k", "v")})
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def copy_pages(pool, src_n, dst_n):
   """pool pages dst_n := pages src_n (in every layer); pairs (0, 0) are padding."""
-  return {n: pool[n].at[:, dst_n].set(pool[n][:, src_n]) for n in ("k", "v")}
+  return _pool_layout({n: pool[n].at[:, dst_n].set(pool[n][:, src_n]) for n in ("k", "v")})
 
 
 def _rms(x, scale, eps, dt):
@@ -133,6 +146,6 @@ def decode_burst(params, pool, state, *, cfg: ModelConfig, scfg, steps: int):
               stopped=st["stopped"] | hit)
     return (pool, st), (jnp.where(live, tok, pad), jnp.where(live, logp, 0.0), live)
 
-  state = dict(state, stopped=jnp.zeros_like(state["active"]))
-  (pool, state), (tok_KxS, logp_KxS, live_KxS) = jax.lax.scan(step, (pool, state), None, length=steps)
-  return pool, state, tok_KxS.T, logp_KxS.T, live_KxS.T
+  state = _state_layout(dict(state, stopped=jnp.zeros_like(state["active"])))
+  (pool, state), (tok_KxS, logp_KxS, live_KxS) = jax.lax.scan(step, (_pool_layout(pool), state), None, length=steps)
+  return _pool_layout(pool), state, tok_KxS.T, logp_KxS.T, live_KxS.T
