@@ -20,6 +20,15 @@ sampler's program for the same 256 rows and budget: argument (the KV pool / noth
 from XLA's memory_analysis().
 
   python benchmarks/bench_rollout.py --mode memory [--slots 256 --budget 16384 --live_tokens 4096]
+
+--mode sync: the paged engine alone on the budgets workload with each k of --ks (decode steps between two
+host checks), taking turns. --mode layout (compile only, 8 fake CPU devices): Qwen2.5-0.5B shapes in bf16,
+the static sampler and the paged burst for --slots rows and a --layout_budget budget, with the weights in
+the trainer's layout and in the decode layout, on fsdp=8 and fsdp=4 x tensor=2: weight all-gathers in the
+compiled HLO, per-device weight, KV and temp bytes.
+
+  python benchmarks/bench_rollout.py --mode sync --requests 128 --mean 64 --max 512 [--ks 1 4 8 16 32]
+  python benchmarks/bench_rollout.py --mode layout --slots 64
 """
 
 from __future__ import annotations
@@ -156,6 +165,58 @@ def memory_mode(args):
         f"arguments {mem.argument_size_in_bytes / gib:.2f} GiB")
 
 
+def sync_mode(args):
+  """The paged engine alone on the budgets workload, for each k (decode steps between host checks)."""
+  import jax
+  import numpy as np
+  from cispo_jax.rollout.paged import PagedConfig, generate_paged
+  from cispo_jax.rollout.sampling import SamplingConfig
+
+  cfg, params = _model(512, 8, 8, 8, 1536, 1024, 1.0)
+  rs = np.random.RandomState(1)
+  prompts = [rs.randint(2, cfg.vocab_size, rs.randint(16, 49)).tolist() for _ in range(args.requests)]
+  budgets = long_tailed_budgets(args.requests, args.mean, args.max)
+  sc = SamplingConfig(max_new_tokens=max(budgets), stop_token_ids=(), prompt_buckets=(64,), num_samples=1)
+  key = jax.random.PRNGKey(0)
+  print(f"{args.requests} requests, budgets mean {np.mean(budgets):.0f} max {max(budgets)}, {args.slots} slots")
+  runs = {k: (lambda k=k: generate_paged(params, cfg, prompts, key, sc, PagedConfig(
+      num_slots=args.slots, page_size=args.page_size, steps_per_sync=k), budgets=budgets)) for k in args.ks}
+  for run in runs.values():
+    run()  # the compiles
+  times = {k: [] for k in runs}
+  for _ in range(args.runs):  # taking turns
+    for k, run in runs.items():
+      times[k].append(_time(run))
+  for k, run in runs.items():
+    stats = run()[1]
+    t = statistics.median(times[k])
+    print(f"k={k}: {t:.1f} s, {sum(budgets) / t:.0f} tokens/s, {stats['row_steps'] // (args.slots * k)} host checks "
+          f"or fewer, row-steps useful {stats['useful_row_steps'] / stats['row_steps']:.1%}")
+
+
+def layout_mode(args):
+  """Compile only, 8 fake CPU devices: each decode program in the trainer's layout and the decode layout."""
+  import dataclasses
+
+  from cispo_jax import sharding
+  from cispo_jax.scale.decode import compiled_decode
+  from cispo_jax.scale.memory import QWEN25
+
+  cfg = dataclasses.replace(QWEN25["0.5B"], param_dtype="bfloat16", remat=False)
+  mib = 2 ** 20
+  print("| program | mesh | weights in | weight all-gathers (in a loop) | weights / device | KV / device | temp |")
+  print("|---|---|---|---|---|---|---|")
+  for mesh_cfg in (sharding.MeshConfig(fsdp=8), sharding.MeshConfig(fsdp=4, tensor=2)):
+    mesh = sharding.make_mesh(mesh_cfg)
+    name = ",".join(f"{a}={n}" for a, n in sharding.axis_sizes(mesh).items() if n > 1)
+    for program in ("static", "paged"):
+      for layout in ("train", "decode"):
+        r = compiled_decode(program, cfg, mesh, layout=layout, slots=args.slots, prompt_len=128,
+                            budget=args.layout_budget, max_pages=-(-(128 + args.layout_budget) // 16))
+        print(f"| {program} | {name} | {layout} | {len(r.weight_gathers)} ({r.gathers_in_loop}) | "
+              f"{r.weights / mib:.0f} MiB | {r.kv / mib:.0f} MiB | {r.temp / mib:.0f} MiB |", flush=True)
+
+
 def _time(fn):
   t = time.perf_counter()
   fn()
@@ -164,7 +225,9 @@ def _time(fn):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--mode", choices=("budgets", "live", "memory"), default="budgets")
+  ap.add_argument("--mode", choices=("budgets", "live", "memory", "sync", "layout"), default="budgets")
+  ap.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8, 16, 32], help="sync mode: the k to compare")
+  ap.add_argument("--layout_budget", type=int, default=1024)
   ap.add_argument("--budget", type=int, default=16384)
   ap.add_argument("--live_tokens", type=int, default=4096)
   ap.add_argument("--requests", type=int, default=256)
@@ -176,7 +239,10 @@ def main():
   ap.add_argument("--runs", type=int, default=2)
   ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 4096])
   args = ap.parse_args()
-  {"budgets": budgets_mode, "live": live_mode, "memory": memory_mode}[args.mode](args)
+  if args.mode == "layout":  # before jax is imported
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  {"budgets": budgets_mode, "live": live_mode, "memory": memory_mode, "sync": sync_mode,
+   "layout": layout_mode}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def test_rollout_record_round_trips_through_json():
   from cispo_jax.rollout.sampling import SampleOutput
   out = SampleOutput(*(rng.integers(0, 9, (4, 3)).astype(np.int32) for _ in range(4)),
                      rng.standard_normal((4, 3)).astype(np.float32), np.array([3, 1, 2, 3], np.int32),
-                     np.array([True, False, True, True]))
+                     np.array([True, False, True, True]), rng.integers(0, 2, (4, 3)).astype(np.int32))
   r = Rollout(5, 3, out, rng.standard_normal(4).astype(np.float32), {"errors": 0}, None, {"epoch": 0, "position": 8},
               {"rollout": 0.5})
   back = Rollout.from_json(json.loads(json.dumps(r.to_json())))
@@ -178,6 +178,8 @@ def test_rollout_record_round_trips_through_json():
     assert a.dtype == b.dtype
   np.testing.assert_array_equal(back.rewards_B, r.rewards_B)
   assert back.behaviour_logps_BxN is None and back.stream_state == r.stream_state
+  unforced = dataclasses.replace(r, out=out._replace(forced_BxN=None))  # no forced interruption: None stays None
+  assert Rollout.from_json(json.loads(json.dumps(unforced.to_json()))).out.forced_BxN is None
 
 
 def test_disaggregated_4_plus_4_run_learns_the_default_task(tmp_path):

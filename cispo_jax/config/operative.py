@@ -30,6 +30,11 @@ ADDED: dict[str, str] = {
     "RolloutConfig.stop_token_ids": "()", "RolloutConfig.stop_strings": "()", "RolloutConfig.engine": "'static'",
     "RolloutConfig.paged_slots": "64", "RolloutConfig.paged_page_size": "16", "RolloutConfig.paged_num_pages": "0",
     "RolloutConfig.paged_steps_per_sync": "8", "RolloutConfig.rollout_tensor": "1",
+    "RolloutConfig.paged_prefill_chunk": "512",
+    "RolloutConfig.think_budget": "0",
+    "RolloutConfig.interrupt_text": "'\\n\\nOkay, time is up. Let me stop thinking and formulate a final answer now.\\n</think>\\n\\n'",
+    "RolloutConfig.think_end_text": "'</think>'",
+    "UpdateConfig.overlong_filter": "False", "UpdateConfig.overlong_buffer": "0", "UpdateConfig.overlong_penalty": "1.0",
 }
 
 

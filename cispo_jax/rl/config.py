@@ -18,6 +18,13 @@ class UpdateConfig:
   advantage: str = "grpo"  # see advantages.ADVANTAGE_ESTIMATORS
   filter_zero_variance: bool = True  # groups whose rewards are all equal carry no signal
   tis_cap: float = 0.0  # > 0: truncated IS correction min(pi_old / pi_sampler, cap) on the advantages
+  # Truncated completions (DAPO; overlong.py): overlong_filter drops the tokens of completions that ran to
+  # max_new_tokens without stopping from the loss (their rewards still count in their group's statistics);
+  # overlong_buffer > 0 adds the soft overlong penalty to every reward: 0 up to max_new_tokens -
+  # overlong_buffer tokens, then falling linearly to -overlong_penalty at max_new_tokens.
+  overlong_filter: bool = False
+  overlong_buffer: int = 0
+  overlong_penalty: float = 1.0
   max_nonfinite_skips: int = 10  # optimizer steps in a row skipped for a NaN/inf loss or gradient before the run stops
   # Update work that carries no gradient (each switch leaves the loss and gradient unchanged up to f32 rounding;
   # tests/test_update_work.py):
@@ -48,5 +55,8 @@ class UpdateConfig:
 
   def __post_init__(self):
     at_least(self, ("num_iterations", "num_minibatches", "micro_batches", "max_nonfinite_skips"), 1)
+    at_least(self, ("overlong_buffer",), 0)
+    if not self.overlong_penalty >= 0:
+      raise ValueError(f"UpdateConfig.overlong_penalty={self.overlong_penalty}; must be >= 0 (the penalty's size)")
     if self.advantage not in ADVANTAGE_ESTIMATORS:
       raise ValueError(f"UpdateConfig.advantage={self.advantage!r}; allowed: {sorted(ADVANTAGE_ESTIMATORS)}")

@@ -32,12 +32,20 @@ class RolloutConfig:
   stop_strings: tuple = ()
   # "static": one batch per call, the cache sized to the budget (sampling.py). "paged": continuous batching
   # over a paged KV pool (paged/): paged_slots rows at once, pages of paged_page_size positions, a pool of
-  # paged_num_pages pages (0 = every slot at the full budget), paged_steps_per_sync decode steps per host check.
+  # paged_num_pages pages (0 = every slot at the full budget), paged_steps_per_sync decode steps per host check,
+  # prompts longer than paged_prefill_chunk prefilled a chunk of that many positions between two bursts.
   engine: str = "static"
   paged_slots: int = 64
   paged_page_size: int = 16
   paged_num_pages: int = 0
   paged_steps_per_sync: int = 8
+  paged_prefill_chunk: int = 512
+  # ScaleRL's forced length interruption (paged engine): a completion that has not produced think_end_text
+  # within think_budget tokens gets interrupt_text appended (in its context, not in the loss), then goes on to
+  # max_new_tokens to answer. 0 = off.
+  think_budget: int = 0
+  interrupt_text: str = "\n\nOkay, time is up. Let me stop thinking and formulate a final answer now.\n</think>\n\n"
+  think_end_text: str = "</think>"
   prompt_buckets: tuple = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # padded prompt lengths (one program each)
   # Pipelined off-policy RL (pipeline.py). The rollout of iteration i is sampled by the policy of iteration
   # max(0, i - max_staleness) while the updates in between run; 0 = the synchronous loop (sample, then update).
@@ -63,8 +71,13 @@ class RolloutConfig:
     at_least(self, ("max_staleness", "rollout_devices"), 0)
     if self.engine not in ENGINES:
       raise ValueError(f"RolloutConfig.engine={self.engine!r}; allowed: {list(ENGINES)}")
-    at_least(self, ("paged_slots", "paged_page_size", "paged_steps_per_sync"), 1)
-    at_least(self, ("paged_num_pages",), 0)
+    at_least(self, ("paged_slots", "paged_page_size", "paged_steps_per_sync", "paged_prefill_chunk"), 1)
+    at_least(self, ("paged_num_pages", "think_budget"), 0)
+    if self.think_budget and self.engine != "paged":
+      raise ValueError(f"RolloutConfig.think_budget={self.think_budget} (forced interruption) needs "
+                       f"RolloutConfig.engine='paged', not {self.engine!r}")
+    if self.think_budget and not (self.interrupt_text and self.think_end_text):
+      raise ValueError("RolloutConfig.think_budget > 0 needs a non-empty interrupt_text and think_end_text")
     if self.behaviour_logps not in BEHAVIOUR_LOGPS:
       raise ValueError(f"RolloutConfig.behaviour_logps={self.behaviour_logps!r}; allowed: {list(BEHAVIOUR_LOGPS)}")
     if self.weight_sync_every > 1 and not self.pipelined:
@@ -89,7 +102,7 @@ def paged_config(ro: RolloutConfig):
     return None
   from cispo_jax.rollout.paged import PagedConfig
   return PagedConfig(num_slots=ro.paged_slots, page_size=ro.paged_page_size, num_pages=ro.paged_num_pages,
-                     steps_per_sync=ro.paged_steps_per_sync)
+                     steps_per_sync=ro.paged_steps_per_sync, prefill_chunk=ro.paged_prefill_chunk)
 
 
 def run_stops(ro: RolloutConfig, tokenizer, model_dir: str | None, vocab_size: int) -> Stops:
@@ -98,9 +111,22 @@ def run_stops(ro: RolloutConfig, tokenizer, model_dir: str | None, vocab_size: i
                        stop_strings=ro.stop_strings)
 
 
+def _interruption(ro: RolloutConfig, tokenizer) -> dict:
+  """The forced interruption's token ids (none when it is off)."""
+  if not ro.think_budget:
+    return {}
+  ids = {name: tuple(tokenizer.encode(getattr(ro, name), add_special_tokens=False))
+         for name in ("interrupt_text", "think_end_text")}
+  for name, toks in ids.items():
+    if not toks:
+      raise ValueError(f"RolloutConfig.{name}={getattr(ro, name)!r} encodes to no tokens with this tokenizer")
+  return {"think_budget": ro.think_budget, "interrupt_tokens": ids["interrupt_text"],
+          "think_end_tokens": ids["think_end_text"]}
+
+
 def sampling_config(ro: RolloutConfig, tokenizer, stops: Stops, *, greedy: bool, n: int) -> SamplingConfig:
   """The sampler's config for rollouts (greedy=False, n=num_generations) or greedy eval (greedy=True, n=1)."""
-  return SamplingConfig(
+  return SamplingConfig(**_interruption(ro, tokenizer),
       max_new_tokens=ro.max_new_tokens, temperature=1.0 if greedy else ro.temperature, greedy=greedy,
       top_k=0 if greedy else ro.top_k, top_p=1.0 if greedy else ro.top_p,
       min_p=0.0 if greedy else ro.min_p, stop_token_ids=stops.token_ids, stop_sequences=stops.sequences, num_samples=n,

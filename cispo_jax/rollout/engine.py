@@ -163,7 +163,7 @@ class NativeEngine:
     self.last_stats = stats  # page and row-step accounting of the last call (benchmarks read it)
     if host:
       return out
-    return sampling.SampleOutput(*(jax.device_put(x, self.batch_sharding) for x in out))
+    return sampling.SampleOutput(*(None if x is None else jax.device_put(x, self.batch_sharding) for x in out))
 
   def completion_logps(self, out: sampling.SampleOutput, *, version: int, temperature: float,
                        micro_batches: int) -> jax.Array:

@@ -59,6 +59,12 @@ class SamplingConfig:
   num_samples: int = 1  # completions per prompt; output rows grouped: p0s0, p0s1, .., p1s0, ..
   prompt_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
   pad_token_id: int = 0
+  # ScaleRL's forced interruption (the paged engine only): a row that reaches think_budget completion tokens
+  # without having produced think_end_tokens gets interrupt_tokens appended (not sampled; they enter the
+  # context, not the loss), then goes on to its max_new_tokens. 0 = off.
+  think_budget: int = 0
+  interrupt_tokens: tuple[int, ...] = ()
+  think_end_tokens: tuple[int, ...] = ()
 
   def __post_init__(self):
     def bad(field, allowed):
@@ -68,6 +74,8 @@ class SamplingConfig:
     object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
     object.__setattr__(self, "stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
     object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
+    for name in ("interrupt_tokens", "think_end_tokens"):
+      object.__setattr__(self, name, tuple(int(t) for t in getattr(self, name)))
     if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
       bad("max_new_tokens", "an int >= 1")
     if not self.temperature > 0:
@@ -89,6 +97,11 @@ class SamplingConfig:
       bad("prompt_buckets", "a non-empty, strictly increasing tuple of ints >= 1")
     if self.pad_token_id < 0:
       bad("pad_token_id", "a token id >= 0")
+    if self.think_budget and not (self.interrupt_tokens and self.think_end_tokens):
+      bad("think_budget", "0, or > 0 with interrupt_tokens and think_end_tokens given")
+    if self.think_budget and self.think_budget + len(self.interrupt_tokens) >= self.max_new_tokens:
+      bad("think_budget", f"< max_new_tokens={self.max_new_tokens} - {len(self.interrupt_tokens)} interrupt tokens "
+          "(else no answer fits after the interruption)")
 
 
 class SampleOutput(NamedTuple):
@@ -105,6 +118,7 @@ class SampleOutput(NamedTuple):
   logps_BxN: jax.Array  # float32
   lengths_B: jax.Array  # int32, completion tokens incl. the stop token
   stopped_B: jax.Array  # bool: finished by a stop token (else by max_new_tokens)
+  forced_BxN: Any = None  # int32 0/1: tokens appended by a forced interruption (context, not loss); None: none
 
 
 # ----------------------------------------------------------------------------- the program
@@ -296,6 +310,9 @@ def generate(params, model_cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP,
   [B, ...] arrays, e.g. NamedSharding(mesh, P(("data", "fsdp")))) splits the batch over the
   mesh the params already live on; params are used where they are, never copied.
   """
+  if cfg.think_budget:
+    raise ValueError("SamplingConfig.think_budget (ScaleRL's forced interruption) runs in the paged engine only: "
+                     "set RolloutConfig.engine='paged'")
   for name in ("stop_token_ids", "pad_token_id", "stop_sequences"):
     value = getattr(cfg, name)
     ids = np.asarray([t for q in value for t in q] if name == "stop_sequences" else np.atleast_1d(value))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cispo_jax import sharding
+from cispo_jax.rl import overlong
 from cispo_jax.rl.update_plan import UpdatePlan, plan_update
 
 
@@ -31,27 +32,44 @@ def plan(rl, keep_B: np.ndarray, lengths_B: np.ndarray, width: int, perms, quant
   return result
 
 
+def overlong_shaping(up, max_new_tokens: int, rewards_B, lengths_B, stopped_B):
+  """DAPO's remedies for truncated completions (rl/overlong.py), as UpdateConfig asks: the rewards with the
+  soft overlong penalty added, the overlong filter's row weights (None when off), and their metrics."""
+  metrics, row_keep = {}, None
+  if up.overlong_buffer:
+    penalty = overlong.overlong_penalty(lengths_B, max_new_tokens, up.overlong_buffer, up.overlong_penalty)
+    rewards_B = (rewards_B + penalty).astype(rewards_B.dtype)
+    metrics["reward/overlong_penalty"] = float(penalty.mean())
+  if up.overlong_filter:
+    row_keep = overlong.overlong_keep(stopped_B)
+    metrics["completion/overlong_masked"] = float(1 - row_keep.mean())
+  return rewards_B, row_keep, metrics
+
+
 def gather(out, behaviour_BxN, rows_R, keep_B, adv_B, *, width: int, batch_sharding):
   """Rows `rows_R` (a batch-sharded array) of the rollout `out`, cut to `width`, onto the train mesh (a
   transfer when the rollout came from other devices). Returns (tokens, kv_valid, loss mask, sampler
   log-probs, advantages [R, width], behaviour log-probs or None), all batch-sharded."""
   put = lambda x: None if x is None else jax.device_put(x, batch_sharding)  # noqa: E731
   gathered = gather_rows(*(put(x) for x in (out.prompt_tokens_BxP, out.tokens_BxN, out.prompt_mask_BxP,
-                                            out.mask_BxN, out.logps_BxN, behaviour_BxN)),
+                                            out.mask_BxN, out.logps_BxN, behaviour_BxN, out.forced_BxN)),
                          rows_R, keep_B, adv_B, width=width)
   return tuple(put(x) for x in gathered)
 
 
 @functools.partial(jax.jit, static_argnames=("width",))
-def gather_rows(prompt_BxP, tokens_BxN, prompt_mask_BxP, mask_BxN, sampler_logps_BxN, behaviour_BxN, rows_R, keep_B,
-                adv_B, *, width: int):
+def gather_rows(prompt_BxP, tokens_BxN, prompt_mask_BxP, mask_BxN, sampler_logps_BxN, behaviour_BxN, forced_BxN,
+                rows_R, keep_B, adv_B, *, width: int):
   """The update batch's rows of a rollout, on the devices: sequences cut to `width` completion positions,
-  the loss mask (completion mask x kept group), the sampler's and behaviour log-probs, the advantages."""
+  the loss mask (completion mask x kept row, less forced-interruption tokens), the sampler's and behaviour
+  log-probs, the advantages."""
   keep_R, adv_R = (jnp.take(x, rows_R, axis=0) for x in (keep_B.astype(jnp.float32), adv_B))
   take = lambda x: None if x is None else jnp.take(x, rows_R, axis=0)[:, :width]  # noqa: E731
   tokens = jnp.concatenate([jnp.take(prompt_BxP, rows_R, axis=0), take(tokens_BxN)], 1).astype(jnp.int32)
   kv_valid = jnp.concatenate([jnp.take(prompt_mask_BxP, rows_R, axis=0), take(mask_BxN)], 1).astype(bool)
   mask = take(mask_BxN).astype(jnp.float32) * keep_R[:, None]
+  if forced_BxN is not None:  # in the context (kv_valid), not in the loss
+    mask = mask * (1 - take(forced_BxN).astype(jnp.float32))
   adv = jnp.broadcast_to(adv_R[:, None], mask.shape)
   behaviour = None if behaviour_BxN is None else take(behaviour_BxN).astype(jnp.float32)
   return tokens, kv_valid, mask, take(sampler_logps_BxN).astype(jnp.float32), adv, behaviour

@@ -57,6 +57,9 @@ class RLConfig:
       raise ValueError(
           f"RLConfig.prompts_per_step={self.prompts_per_step} must be divisible by UpdateConfig.num_minibatches"
           f" * UpdateConfig.micro_batches={u.num_minibatches} * {u.micro_batches} (prompt groups are never split)")
+    if u.overlong_buffer > self.rollout.max_new_tokens:
+      raise ValueError(f"UpdateConfig.overlong_buffer={u.overlong_buffer} is longer than "
+                       f"RolloutConfig.max_new_tokens={self.rollout.max_new_tokens}")
     check_iterations(self.profile_iterations)
 
   def replace(self, **fields) -> RLConfig:

@@ -145,9 +145,11 @@ class Trainer:
     t0 = time.perf_counter()
     rollout, seconds = self._rollout()  # sampled with policy rollout.version, and scored
     t1 = time.perf_counter()
-    adv, keep, keep_B = self._advantages(rollout)
     lengths_B = _to_host(rollout.out.lengths_B)  # [B] ints: the only per-row data besides the rewards on the host
-    metrics = self._rollout_metrics(rollout, lengths_B, keep_B)
+    stopped_B = _to_host(rollout.out.stopped_B)
+    adv, keep, keep_B, overlong = self._advantages(rollout, lengths_B, stopped_B)
+    metrics = self._rollout_metrics(rollout, lengths_B, stopped_B, keep_B)
+    metrics.update(overlong)
     prepared = self._update_batch(rollout, lengths_B, adv, keep, keep_B, metrics) if keep_B.any() else None
     t2 = time.perf_counter()
     metrics.update({"time/rollout_s": seconds["rollout"], "time/reward_s": seconds["reward"],
@@ -180,25 +182,30 @@ class Trainer:
     rollout = self.pipeline.take(self.iteration)
     return rollout, {"rollout": time.perf_counter() - t0, "reward": 0.0, "behaviour_logps": 0.0}
 
-  def _advantages(self, r: Rollout):
-    """Advantages and the zero-variance mask in one jitted program: they stay on the devices (the update
-    batch gathers its rows of them there); only the [B] keep flags come back, for the update plan."""
+  def _advantages(self, r: Rollout, lengths_B, stopped_B):
+    """(adv, keep, keep_B, metrics): advantages and zero-variance mask, on the devices, of the rewards with
+    DAPO's overlong penalty; keep_B (host, per group) plans the update; the overlong filter zeroes rows."""
     up, n = self.rl.update, self.rl.rollout.num_generations
     for k in self.reward_events:
       self.reward_events[k] += int(r.stats.get(k, 0))
-    rewards = jax.make_array_from_callback(r.rewards_B.shape, sharding.replicated(self.mesh),
-                                           lambda idx: r.rewards_B[idx])
+    rewards_B, row_keep, metrics = batch_lib.overlong_shaping(up, self.rl.rollout.max_new_tokens, r.rewards_B,
+                                                              lengths_B, stopped_B)
+    rep = sharding.replicated(self.mesh)
+    rewards = jax.make_array_from_callback(rewards_B.shape, rep, lambda idx: rewards_B[idx])
     adv, keep = adv_lib.advantages_and_keep(rewards, up.advantage, n, up.filter_zero_variance)
-    return adv, keep, np.asarray(keep.addressable_data(0))  # replicated: every process holds the whole vector
+    keep_B = np.asarray(keep.addressable_data(0))  # replicated: every process holds the whole vector
+    if row_keep is not None:
+      rows = keep_B.astype(np.float32) * row_keep
+      keep = jax.make_array_from_callback(rows.shape, rep, lambda idx: rows[idx])
+      keep_B = keep_B & np.repeat(rows.reshape(-1, n).max(1) > 0, n)
+    return adv, keep, keep_B, metrics
 
-  def _rollout_metrics(self, r: Rollout, lengths_B: np.ndarray, keep_B: np.ndarray) -> dict:
+  def _rollout_metrics(self, r: Rollout, lengths_B: np.ndarray, stopped_B: np.ndarray, keep_B: np.ndarray) -> dict:
     rewards_B = r.rewards_B
     metrics = {
         "reward/mean": float(rewards_B.mean()), "reward/std": float(rewards_B.std()),
-        "reward/pass_rate": float((rewards_B >= 1.0).mean()),
-        "completion/length": float(lengths_B.mean()),
-        "completion/stopped": float(_to_host(r.out.stopped_B).mean()),
-        "groups/kept_frac": float(keep_B.mean()),
+        "reward/pass_rate": float((rewards_B >= 1.0).mean()), "completion/length": float(lengths_B.mean()),
+        "completion/stopped": float(stopped_B.mean()), "groups/kept_frac": float(keep_B.mean()),
         "logp_gap/sampler_vs_trainer": 0.0,  # over the tokens that enter the loss; set below or after the update
         "reward_events/errors": self.reward_events["errors"],
         "reward_events/timeouts": self.reward_events["timeouts"],
