@@ -14,7 +14,7 @@ the fraction of row-steps that produced a kept token, for both engines.
   python benchmarks/bench_rollout.py --mode budgets [--requests 256 --mean 256 --max 2048 --slots 64 --runs 2]
   python benchmarks/bench_rollout.py --mode live [--budgets 1024 4096]
 
---mode memory (compile only, no run): Qwen2.5-0.5B shapes in bf16, --slots 256 rows, a 16k budget. The paged
+--mode memory (compile only, no run): Qwen2.5-0.5B shapes in f32, --slots 256 rows, a 16k budget. The paged
 decode program with a pool sized for --live_tokens (4096) live tokens a slot on average, against the static
 sampler's program for the same 256 rows and budget: argument (the KV pool / nothing), temp and output bytes
 from XLA's memory_analysis().
@@ -22,7 +22,7 @@ from XLA's memory_analysis().
   python benchmarks/bench_rollout.py --mode memory [--slots 256 --budget 16384 --live_tokens 4096]
 
 --mode sync: the paged engine alone on the budgets workload with each k of --ks (decode steps between two
-host checks), taking turns. --mode layout (compile only, 8 fake CPU devices): Qwen2.5-0.5B shapes in bf16,
+host checks), taking turns. --mode layout (compile only, 8 fake CPU devices): Qwen2.5-0.5B shapes in f32,
 the static sampler and the paged burst for --slots rows and a --layout_budget budget, with the weights in
 the trainer's layout and in the decode layout, on fsdp=8 and fsdp=4 x tensor=2: weight all-gathers in the
 compiled HLO, per-device weight, KV and temp bytes.
@@ -97,7 +97,8 @@ def budgets_mode(args):
   s, p = statistics.median(ts), statistics.median(tp)
   print(f"static: {s:.1f} s, {useful / s:.0f} useful tokens/s; paged: {p:.1f} s, {useful / p:.0f} useful tokens/s; "
         f"paged / static = {s / p:.2f}x; paged row-steps useful {stats['useful_row_steps'] / stats['row_steps']:.1%}, "
-        f"static {useful / (args.requests * max(budgets)):.1%}; peak pages {stats['peak_used']} of {stats['num_pages']}")
+        f"static {useful / (args.requests * max(budgets)):.1%}; peak pages {stats['peak_used']} of {stats['num_pages']}; "
+        f"{stats['burst_shapes']} burst programs")
 
 
 def live_mode(args):
@@ -140,8 +141,9 @@ def memory_mode(args):
   from cispo_jax.rollout.paged import step
   from cispo_jax.scale.memory import QWEN25
 
-  cfg = dataclasses.replace(QWEN25["0.5B"], param_dtype="bfloat16", remat=False)
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), param_shapes(cfg))
+  # float32 (see layout_mode: XLA:CPU's bf16 dots would add a hoisted f32 copy of the weights to temp)
+  cfg = dataclasses.replace(QWEN25["0.5B"], dtype="float32", param_dtype="float32", remat=False)
+  params = param_shapes(cfg)
   S, ps, N = args.slots, args.page_size, args.budget
   pages = 1 + S * args.live_tokens // ps
   pool = jax.eval_shape(lambda: step.init_pool(cfg, pages, ps))
@@ -154,8 +156,8 @@ def memory_mode(args):
   paged = step.decode_burst.lower(params, pool, state, cfg=cfg, scfg=sc, steps=args.k).compile().memory_analysis()
   pool_b = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pool))
   print(f"paged: pool {pages} pages x {ps} = {pages * ps / S:.0f} live tokens a slot on average: {pool_b / gib:.2f} GiB; "
-        f"decode program temp {paged.temp_size_in_bytes / gib:.2f} GiB (the gathered pages of the longest "
-        f"bucket, {M} pages, one layer at a time), arguments {paged.argument_size_in_bytes / gib:.2f} GiB")
+        f"decode program temp {paged.temp_size_in_bytes / gib:.2f} GiB (a burst whose longest row holds {M} pages, "
+        f"read 2048 positions a slot at a time, one layer at a time), arguments {paged.argument_size_in_bytes / gib:.2f} GiB")
   core = jax.jit(lambda p, t, m, r: sampling._generate_core(p, t, m, r, model_cfg=cfg, cfg=sc, share_prefill=False,
                                                              sharding=None))
   static = core.lower(params, i32(S, 128), i32(S, 128), jax.ShapeDtypeStruct((2,), jnp.uint32)).compile()
@@ -190,8 +192,9 @@ def sync_mode(args):
   for k, run in runs.items():
     stats = run()[1]
     t = statistics.median(times[k])
-    print(f"k={k}: {t:.1f} s, {sum(budgets) / t:.0f} tokens/s, {stats['row_steps'] // (args.slots * k)} host checks "
-          f"or fewer, row-steps useful {stats['useful_row_steps'] / stats['row_steps']:.1%}")
+    print(f"k={k}: {t:.1f} s, {sum(budgets) / t:.0f} tokens/s, {stats['bursts']} host checks, "
+          f"row-steps useful {stats['useful_row_steps'] / stats['row_steps']:.1%}, "
+          f"{stats['burst_shapes']} burst programs")
 
 
 def layout_mode(args):
@@ -202,7 +205,9 @@ def layout_mode(args):
   from cispo_jax.scale.decode import compiled_decode
   from cispo_jax.scale.memory import QWEN25
 
-  cfg = dataclasses.replace(QWEN25["0.5B"], param_dtype="bfloat16", remat=False)
+  # float32: XLA:CPU computes bf16 dots in f32 and hoists the weights' conversion out of the decode loop (a
+  # whole f32 copy, in temp), which GPUs and TPUs do not; in f32 the temp bytes are the program's own
+  cfg = dataclasses.replace(QWEN25["0.5B"], dtype="float32", param_dtype="float32", remat=False)
   mib = 2 ** 20
   print("| program | mesh | weights in | weight all-gathers (in a loop) | weights / device | KV / device | temp |")
   print("|---|---|---|---|---|---|---|")

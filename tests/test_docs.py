@@ -108,3 +108,17 @@ if __name__ == "__main__":
   print(f"{len(PAGES)} pages: {', '.join(PAGES)}")
   for p in problems():
     print(p)
+
+
+def test_the_configuration_table_lists_every_field():
+  """docs/configuration.md's table names every field of every config class it lists, and no field that is gone."""
+  import dataclasses
+
+  from cispo_jax import cli
+
+  text = (REPO / "docs" / "configuration.md").read_text()
+  rows = {m.group(1): set(m.group(2).split()) for m in re.finditer(r"^\| `(\w+)` \|[^|]*\| `([^`]*)` \|$", text, re.M)}
+  assert rows, "no table rows found"
+  for name, listed in rows.items():
+    fields = {f.name for f in dataclasses.fields(cli.CONFIG_CLASSES[name])} - set(cli.SECTIONS)  # RLConfig's sections
+    assert listed == fields, (name, "missing:", sorted(fields - listed), "gone:", sorted(listed - fields))

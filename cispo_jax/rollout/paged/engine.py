@@ -124,7 +124,8 @@ class PagedGenerator:
     # on a mesh, device batches are multiples of the batch axes' size (the slots split over them)
     mesh = jax.sharding.get_abstract_mesh()
     self.granule = 1 if mesh.empty else int(np.prod([mesh.shape.get(a, 1) for a in sharding.BATCH_AXES]))
-    self.row_steps = self.useful_steps = self.chunk_calls = 0
+    self.row_steps = self.useful_steps = self.chunk_calls = self.bursts = 0
+    self.burst_shapes: set = set()  # (decode batch, pages a slot): one compiled program each
 
   def _check_requests(self):
     if not self.prompts or any(len(p) == 0 for p in self.prompts):
@@ -262,6 +263,8 @@ class PagedGenerator:
     S = slot_size(len(running), len(self.slots), self.paged.slot_sizes_per_octave)
     S, k = max(S, -(-S // self.granule) * self.granule), self.paged.steps_per_sync
     M = _bucket(max(len(r.table) for r in running))
+    self.burst_shapes.add((S, M))
+    self.bursts += 1
     H = max([1, len(self.scfg.think_end_tokens)] + [len(s) for s in self.scfg.stop_sequences])
     st = {"token": np.zeros(S, np.int32), "pos": np.zeros(S, np.int32), "t": np.zeros(S, np.int32),
           "active": np.zeros(S, bool), "budget": np.ones(S, np.int32), "key": np.zeros((S,) + self.keys.shape[1:],
@@ -335,6 +338,7 @@ def generate_paged(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[in
   out = sampling.SampleOutput(ptok, pmask, tokens, (np.arange(N)[None] < lengths[:, None]).astype(np.int32), logps,
                               lengths, np.array([r.stopped for r in rows]), forced if cfg.think_budget else None)
   stats = dict(dataclasses.asdict(gen.pool.stats), row_steps=gen.row_steps, useful_row_steps=gen.useful_steps,
-               prefill_chunk_calls=gen.chunk_calls,
+               prefill_chunk_calls=gen.chunk_calls, bursts=gen.bursts,
+               burst_shapes=len(gen.burst_shapes),
                num_pages=gen.pool.num_pages, pages_all_freed=gen.pool.all_free())
   return out, stats
