@@ -169,3 +169,26 @@ def test_gin_include_probes_are_not_logged_as_errors(tmp_path, caplog):
   exp.write_text("include 'no_such_file.gin'\n")
   with pytest.raises(OSError, match="no_such_file.gin"):
     cli.parse_args(["--gin_file", str(exp)])
+
+
+def test_a_run_may_grow_on_resume_and_other_changes_are_still_refused(tmp_path):
+  """total_steps, eval / save cadence, kept checkpoints, sinks and the profiler may change on resume without
+  --allow_config_change (recorded in config_changes.jsonl); any other key is refused, and only it is named."""
+  import json
+
+  start = cli.parse_args(["--total_steps", "40"])["operative"]
+  operative_config.record_operative_config(str(tmp_path), start, resuming=False, allow_change=False, iteration=None)
+  grown = cli.parse_args(["--total_steps", "80", "--gin_param", "EvalConfig.eval_every = 7",
+                          "--gin_param", "CheckpointConfig.keep_checkpoints = 5"])["operative"]
+  operative_config.record_operative_config(str(tmp_path), grown, resuming=True, allow_change=False, iteration=40)
+  change = json.loads((tmp_path / "config_changes.jsonl").read_text().splitlines()[-1])
+  assert change["iteration"] == 40 and change["run_length_only"]
+  assert change["changed"]["RLConfig.total_steps"] == ["40", "80"]
+  assert set(change["changed"]) == {"RLConfig.total_steps", "EvalConfig.eval_every", "CheckpointConfig.keep_checkpoints"}
+  assert (tmp_path / "operative_config.gin").read_text() == grown
+  both = cli.parse_args(["--total_steps", "120", "--temperature", "0.5"])["operative"]
+  with pytest.raises(ValueError, match="would change 1 binding") as err:
+    operative_config.record_operative_config(str(tmp_path), both, resuming=True, allow_change=False, iteration=80)
+  assert "RolloutConfig.temperature: 1.0 -> 0.5" in str(err.value)
+  assert "RLConfig.total_steps: 80 -> 120" not in str(err.value)
+  assert (tmp_path / "operative_config.gin").read_text() == grown  # nothing written on a refusal

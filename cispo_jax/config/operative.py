@@ -38,13 +38,24 @@ ADDED: dict[str, str] = {
 }
 
 
+# How long a run goes on and what it writes on the way: a resume may change these without
+# --allow_config_change (each change still recorded in config_changes.jsonl). None of them alters an
+# iteration that already ran: extending a run, evaluating or saving more or less often, keeping more
+# checkpoints, another metric sink or profiled window. (A longer total_steps does stretch the learning-rate
+# schedule's remaining part, as it would have from the start.)
+RUN_LENGTH_KEYS = frozenset({"RLConfig.total_steps", "EvalConfig.eval_every", "CheckpointConfig.save_every",
+                             "CheckpointConfig.keep_checkpoints", "CheckpointConfig.export_final",
+                             "RLConfig.wandb_project", "RLConfig.profile_iterations"})
+
+
 def record_operative_config(run_dir: str, operative: str, *, resuming: bool, allow_change: bool,
                             iteration: int | None, write: bool = True):
   """Write operative_config.gin; on resume, first compare it with the one the run was started with.
 
-  A changed binding is refused (every differing key named) unless allow_change; then the old file is
-  kept as operative_config.before_<iteration>.gin and config_changes.jsonl records what changed when.
-  RLConfig.run_dir is not compared (a run directory may be moved).
+  A changed binding is refused (every such key named) unless it is a run-length key (RUN_LENGTH_KEYS) or
+  allow_change; then the old file is kept as operative_config.before_<iteration>.gin and
+  config_changes.jsonl records what changed when. RLConfig.run_dir is not compared (a run directory may
+  be moved).
   """
   path = os.path.join(run_dir, "operative_config.gin")
   if resuming and os.path.exists(path):
@@ -53,18 +64,22 @@ def record_operative_config(run_dir: str, operative: str, *, resuming: bool, all
     old, new = bindings(old_text), bindings(operative)
     changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
                if old.get(k) != new.get(k) and k != "RLConfig.run_dir"}
-    if changed and not allow_change:
+    refused = {k: v for k, v in changed.items() if k not in RUN_LENGTH_KEYS}
+    if refused and not allow_change:
       lines = "\n".join(f"  {k}: {a if a is not None else '(absent)'} -> {b if b is not None else '(absent)'}"
-                        for k, (a, b) in changed.items())
+                        for k, (a, b) in refused.items())
       raise ValueError(
           f"{run_dir} holds a run started with another config; resuming it with this one would change "
-          f"{len(changed)} binding(s):\n{lines}\nUse the original settings, a new run_dir, or pass "
-          f"--allow_config_change to continue with the change recorded.")
+          f"{len(refused)} binding(s):\n{lines}\nUse the original settings, a new run_dir, or pass "
+          f"--allow_config_change to continue with the change recorded. (How long the run goes on and how "
+          f"often it evaluates or saves may change freely: {', '.join(sorted(RUN_LENGTH_KEYS))}.)")
     if changed and write:
       os.replace(path, os.path.join(run_dir, f"operative_config.before_{iteration}.gin"))
       with open(os.path.join(run_dir, "config_changes.jsonl"), "a") as f:
-        f.write(json.dumps({"iteration": iteration, "changed": {k: list(v) for k, v in changed.items()}}) + "\n")
-      log.warning("config changed at iteration %s (allowed): %s", iteration, ", ".join(changed))
+        f.write(json.dumps({"iteration": iteration, "changed": {k: list(v) for k, v in changed.items()},
+                            "run_length_only": not refused}) + "\n")
+      log.warning("config changed at iteration %s (%s): %s", iteration,
+                  "run length" if not refused else "allowed", ", ".join(changed))
   if write:
     with open(path, "w") as f:
       f.write(operative)
