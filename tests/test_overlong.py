@@ -83,3 +83,18 @@ def test_trainer_masks_truncated_rows_and_penalises_them(model_dir, tmp_path):
     np.testing.assert_array_equal(mask[stopped].sum(1), lengths[stopped])
   finally:
     trainer.close()
+
+
+def test_forced_interruption_config_is_checked_naming_the_fields(model_dir):
+  from cispo_jax.model.hf_io import load_tokenizer
+  from cispo_jax.rollout.config import RolloutConfig, sampling_config
+  from cispo_jax.rollout.stops import Stops
+
+  tok = load_tokenizer(model_dir)
+  with pytest.raises(ValueError, match="think_budget=3.*needs RolloutConfig.engine='paged'"):
+    RolloutConfig(think_budget=3)
+  ro = RolloutConfig(engine="paged", think_budget=6, interrupt_text="==", think_end_text="=", max_new_tokens=8)
+  with pytest.raises(ValueError, match="think_budget=6 plus the 2 tokens of RolloutConfig.interrupt_text"):
+    sampling_config(ro, tok, Stops((), ()), greedy=False, n=2)
+  sc = sampling_config(dataclasses.replace(ro, max_new_tokens=9), tok, Stops((), ()), greedy=False, n=2)
+  assert sc.think_budget == 6 and sc.interrupt_tokens == tuple(tok.encode("==", add_special_tokens=False))

@@ -120,6 +120,10 @@ def _interruption(ro: RolloutConfig, tokenizer) -> dict:
   for name, toks in ids.items():
     if not toks:
       raise ValueError(f"RolloutConfig.{name}={getattr(ro, name)!r} encodes to no tokens with this tokenizer")
+  if ro.think_budget + len(ids["interrupt_text"]) >= ro.max_new_tokens:
+    raise ValueError(f"RolloutConfig.think_budget={ro.think_budget} plus the {len(ids['interrupt_text'])} tokens of "
+                     f"RolloutConfig.interrupt_text leave no room to answer within "
+                     f"RolloutConfig.max_new_tokens={ro.max_new_tokens}")
   return {"think_budget": ro.think_budget, "interrupt_tokens": ids["interrupt_text"],
           "think_end_tokens": ids["think_end_text"]}
 
