@@ -13,7 +13,6 @@ scores its share of every set on the mesh; process 0 writes metrics.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -85,7 +84,7 @@ class ModelSampler:
 
     self.rl = rl
     self.mesh = sharding.make_mesh(mesh_cfg, devices)
-    self.model_cfg = hf_io.load_config(rl.model_dir, **dataclasses.asdict(rl.model_run))
+    self.model_cfg = hf_io.load_config(rl.model_dir, **rl.model_run.overrides())
     self.tokenizer = hf_io.load_tokenizer(rl.model_dir)
     # nothing trains here: the weights are read straight into the decode layout
     shardings = sharding.param_shardings(logical_axes(self.model_cfg), param_shapes(self.model_cfg), self.mesh,

@@ -1,5 +1,6 @@
 """gin files, --gin_param bindings and the seed's shorthand flags reach the configs; bad keys fail early."""
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -192,3 +193,36 @@ def test_a_run_may_grow_on_resume_and_other_changes_are_still_refused(tmp_path):
   assert "RolloutConfig.temperature: 1.0 -> 0.5" in str(err.value)
   assert "RLConfig.total_steps: 80 -> 120" not in str(err.value)
   assert (tmp_path / "operative_config.gin").read_text() == grown  # nothing written on a refusal
+
+
+# Where default.gin (the CPU-sized offline experiment) differs from the dataclass defaults (sized for a real
+# model), and why. A gin file that does not `include 'default.gin'` gets the class defaults: every other field
+# must be the same in both, so leaving the include out changes only what is named here.
+EXPERIMENT_CHOICES = {
+    "LossConfig.kl_coef": "the experiment keeps a k3 KL to its SFT warm start; off by default as in DAPO / ScaleRL",
+    "TaskConfig.task_args": "2-digit addition only (the class default is the generator's own range and ops)",
+    "TaskConfig.train_size": "8,000 training problems are enough for 150 iterations of 64 prompts",
+    "TaskConfig.rewards": "named explicitly; () means the task's own reward, which for arithmetic is the same one",
+    "BootstrapConfig.sft_steps": "the tiny model needs 400 SFT steps to reach ~0.18 pass@1 before RL",
+    "BootstrapConfig.sft_scratchpad_fraction": "30% of the SFT targets show their carry steps",
+    "RLConfig.total_steps": "150 iterations: the curve in the README",
+    "RLConfig.prompts_per_step": "64 prompts x 8 completions per iteration on 2 CPU cores",
+    "EvalConfig.eval_size": "the whole 256-problem held-out split",
+    "OptimConfig.learning_rate": "2e-4 for a 27M-parameter model; 1e-5 is a real model's (Qwen-scale) RL rate",
+    "OptimConfig.warmup_steps": "10 warm-up steps over a 150-iteration run",
+}
+
+
+def test_class_defaults_equal_default_gin_except_the_named_experiment_choices(tmp_path):
+  """Fails when a dataclass default silently differs from default.gin (as RolloutConfig.max_new_tokens 8 vs 24 and
+  UpdateConfig.num_minibatches 2 vs 1 did: the latter switched old_logps_in_update off), and when a difference named
+  above is gone (then its entry is stale)."""
+  empty = tmp_path / "empty.gin"
+  empty.write_text("# nothing: every class default\n")
+  with_defaults, bare = cli.parse(), cli.parse([str(empty)])
+  differ = {f"{name}.{field}" for name in cli.CONFIG_CLASSES for field, value in
+            dataclasses.asdict(with_defaults[name]).items()
+            if not (name == "RLConfig" and field in SECTIONS) and value != dataclasses.asdict(bare[name])[field]}
+  assert differ == set(EXPERIMENT_CHOICES), (sorted(differ - set(EXPERIMENT_CHOICES)),
+                                             sorted(set(EXPERIMENT_CHOICES) - differ))
+  assert bare["RLConfig"].update.old_logps_in_update == with_defaults["RLConfig"].update.old_logps_in_update

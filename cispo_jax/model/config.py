@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from cispo_jax.model.attention import IMPLS
@@ -13,6 +14,16 @@ ROPE_TYPES = ("default", "linear", "llama3")
 # What a rematerialised layer keeps for the backward pass (transformer.py maps them to jax policies).
 REMAT_POLICIES = ("nothing_saveable", "save_dots", "save_dots_no_batch", "offload_dots")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+AUTO = "auto"
+
+
+def resolve_dtype(dtype: str, platform: str | None = None) -> str:
+  """ModelRunConfig.dtype as run: "auto" is bfloat16 on an accelerator (GPU, TPU: bf16 matmuls at full rate,
+  cuDNN / splash attention) and float32 on CPU (XLA:CPU upcasts bf16 dots, so bf16 is slower there and
+  only loses precision); any other value is used as given."""
+  if dtype != AUTO:
+    return dtype
+  return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +114,8 @@ class ModelConfig:
 class ModelRunConfig:
   """How to run the model: overrides of the checkpoint's config (exactly hf_io.RUN_OVERRIDES, which ModelConfig
   checks when the model is loaded)."""
-  dtype: str = "float32"
-  param_dtype: str = "float32"
+  dtype: str = AUTO  # compute dtype; "auto" = bfloat16 on GPU / TPU, float32 on CPU (resolve_dtype)
+  param_dtype: str = "float32"  # the master weights (and the optimizer's moments follow them)
   lm_head_f32: bool = True
   remat: bool = False  # rematerialise each layer in the backward pass
   remat_policy: str = "nothing_saveable"  # nothing_saveable | save_dots | save_dots_no_batch | offload_dots
@@ -112,3 +123,13 @@ class ModelRunConfig:
   attention_impl: str = "auto"  # auto | dense | blockwise | cudnn | splash (model/attention.py)
   attention_block: int = 512
   logprob_chunk: int = 1024  # completion positions per LM-head chunk of the training log-probs
+
+  def __post_init__(self):
+    if self.dtype != AUTO and self.dtype not in _DTYPES:
+      raise ValueError(f"ModelRunConfig.dtype={self.dtype!r}; allowed: {[AUTO, *sorted(_DTYPES)]}")
+    if self.param_dtype not in _DTYPES:
+      raise ValueError(f"ModelRunConfig.param_dtype={self.param_dtype!r}; allowed: {sorted(_DTYPES)}")
+
+  def overrides(self, platform: str | None = None) -> dict[str, Any]:
+    """The ModelConfig overrides this run uses on `platform` (default: JAX's backend), "auto" resolved."""
+    return {**dataclasses.asdict(self), "dtype": resolve_dtype(self.dtype, platform)}

@@ -13,7 +13,7 @@ class UpdateConfig:
   """From a scored rollout to new params: advantages, then num_iterations passes of num_minibatches optimizer
   steps. Names follow TRL where they exist (num_iterations)."""
   num_iterations: int = 2  # passes over each rollout; > 1 makes the policy ratio depart from 1
-  num_minibatches: int = 2  # optimizer steps per pass
+  num_minibatches: int = 1  # optimizer steps per pass
   micro_batches: int = 1  # gradient accumulation inside each optimizer step
   advantage: str = "grpo"  # see advantages.ADVANTAGE_ESTIMATORS
   filter_zero_variance: bool = True  # groups whose rewards are all equal carry no signal

@@ -20,7 +20,7 @@ class RolloutConfig:
   # Completions per prompt (the group). Here, not in UpdateConfig: it is what the sampler draws; the
   # advantages and the update take the group size of the rollout they get.
   num_generations: int = 8
-  max_new_tokens: int = 8
+  max_new_tokens: int = 24
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0

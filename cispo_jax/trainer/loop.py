@@ -37,7 +37,7 @@ from cispo_jax.trainer import batch as batch_lib
 from cispo_jax.trainer import parts
 from cispo_jax.trainer.config import RLConfig
 from cispo_jax.trainer.rollouts import RolloutMaker
-from cispo_jax.trainer.signals import StopSignals, count_nonfinite
+from cispo_jax.trainer.signals import RolloutWatch, StopSignals, count_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class Trainer:
     self.pipeline = self._start_pipeline(start) if self.rollout_thread else None
     self._open_logs(start.restored, operative_config)
     self.signals = StopSignals(lambda: self.iteration)  # undone by close()
+    self.watch = RolloutWatch(rl, self.stops, self.tokenizer)
 
   def _open_run_dir(self, operative_config: str, allow_config_change: bool) -> Checkpointer:
     """The run directory's checkpointer, after the operative config is recorded: before anything is
@@ -98,8 +99,9 @@ class Trainer:
     ckpt = Checkpointer(os.path.join(rl.run_dir, "checkpoints"), rl.checkpoint.save_every,
                         rl.checkpoint.keep_checkpoints)
     if operative_config:
-      record_operative_config(rl.run_dir, operative_config, resuming=ckpt.latest() is not None,
-                              allow_change=allow_config_change, iteration=ckpt.latest(), write=self.main)
+      record_operative_config(rl.run_dir, parts.resolved_operative(operative_config, rl), write=self.main,
+                              resuming=ckpt.latest() is not None, allow_change=allow_config_change,
+                              iteration=ckpt.latest())
     return ckpt
 
   def _start_pipeline(self, start: parts.Resumed) -> Pipeline:
@@ -162,8 +164,7 @@ class Trainer:
     metrics["train/nonfinite_skips_total"] = self.nonfinite_skips["total"]
     self._advance(rollout)
     t3 = time.perf_counter()
-    metrics["time/update_s"] = t3 - t2
-    metrics["time/step_s"] = t3 - t0
+    metrics.update({"time/update_s": t3 - t2, "time/step_s": t3 - t0})
     metrics["tokens/per_s"] = metrics["tokens/generated"] / max(t3 - t0, 1e-9)
     return metrics
 
@@ -211,11 +212,7 @@ class Trainer:
         "reward_events/timeouts": self.reward_events["timeouts"],
         "tokens/generated": float(lengths_B.sum()),
     }
-    if metrics["completion/stopped"] == 0:
-      log.warning("iteration %d: none of the %d completions stopped on its own (all ran to max_new_tokens=%d); "
-                  "stop tokens: %s. A chat model whose end of turn is not among them never stops: add it with "
-                  "RolloutConfig.stop_token_ids or RolloutConfig.stop_strings", self.iteration + 1, len(lengths_B),
-                  self.rl.rollout.max_new_tokens, self.stops.describe(self.tokenizer))
+    self.watch.check(self.iteration + 1, rewards_B, stopped_B)  # all truncated, or no signal for a while
     if self.rollout_thread:  # updates since the policy that sampled this rollout
       metrics["pipeline/staleness"] = float(self.iteration - r.version)
     if len(self.task.reward_list()) > 1:  # each reward of a mix, on this process's rows

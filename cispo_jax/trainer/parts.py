@@ -17,6 +17,8 @@ from cispo_jax import data as data_lib
 from cispo_jax import sharding
 from cispo_jax.evals.evaluator import Evaluator
 from cispo_jax.model import hf_io, logical_axes, param_shapes
+from cispo_jax.model.attention import choose_impl
+from cispo_jax.model.config import AUTO, resolve_dtype
 from cispo_jax.rl.optim import make_optimizer
 from cispo_jax.rl.train_step import StepConfig, TrainState, epoch_permutations, update_on_rollout
 from cispo_jax.rl.update_plan import group_quantum
@@ -66,13 +68,41 @@ def split_devices(rl, devices) -> tuple[list, list]:
 
 def load_policy(rl):
   """The model config (with ModelRunConfig), the tokenizer and the stop set of RLConfig.model_dir."""
-  model_cfg = hf_io.load_config(rl.model_dir, **dataclasses.asdict(rl.model_run))
+  model_cfg = hf_io.load_config(rl.model_dir, **rl.model_run.overrides())
   tokenizer = hf_io.load_tokenizer(rl.model_dir)
   if tokenizer.eos_token_id is None:
     raise ValueError(f"tokenizer in {rl.model_dir} has no eos_token: the sampler needs a stop token")
   stops = run_stops(rl.rollout, tokenizer, rl.model_dir, model_cfg.vocab_size)
   log.info("stop tokens: %s", stops.describe(tokenizer))
+  log.info("%s", run_choices(rl, model_cfg))
   return model_cfg, tokenizer, stops
+
+
+def resolved_operative(text: str, rl) -> str:
+  """The operative config as this platform runs it: `ModelRunConfig.dtype = 'auto'` recorded as the dtype it
+  resolved to (the line before says so), so a resume compares what ran: a run started on CPU ('auto' =
+  float32) resumed on a GPU ('auto' = bfloat16) is a config change, and one recorded before 'auto' existed
+  ('float32') resumes on CPU unchanged."""
+  line = f"ModelRunConfig.dtype = {AUTO!r}"
+  if rl.model_run.dtype != AUTO or line not in text.splitlines():
+    return text
+  platform = jax.default_backend()
+  return text.replace(line, f"# ModelRunConfig.dtype = {AUTO!r}, resolved on {platform}:\n"
+                            f"ModelRunConfig.dtype = {resolve_dtype(AUTO, platform)!r}", 1)
+
+
+def run_choices(rl, model_cfg, platform: str | None = None) -> str:
+  """One line: what this run resolved its "auto" settings to on this platform (dtype, the training
+  attention kernel at the longest sequence, remat, the log-prob chunk)."""
+  platform = platform or jax.default_backend()
+  T = max(rl.rollout.prompt_buckets) + rl.rollout.max_new_tokens
+  attention = choose_impl(model_cfg.attention_impl, T, T, platform, dtype=model_cfg.jnp_dtype,
+                          head_dim=model_cfg.head_dim)
+  remat = f"on ({model_cfg.remat_policy})" if model_cfg.remat else "off"
+  return (f"run choices on {platform}: dtype {model_cfg.dtype} (ModelRunConfig.dtype={rl.model_run.dtype!r}), "
+          f"master weights {model_cfg.param_dtype}, LM head {'float32' if model_cfg.lm_head_f32 else model_cfg.dtype}, "
+          f"training attention {attention} (ModelRunConfig.attention_impl={model_cfg.attention_impl!r}, "
+          f"{T} positions), remat {remat}, logprob_chunk {model_cfg.logprob_chunk}")
 
 
 @dataclasses.dataclass
@@ -101,10 +131,23 @@ def build_state(rl, loss_cfg, optim, mesh, model_cfg) -> ShardedState:
   params = hf_io.load_params(rl.model_dir, model_cfg, shardings=param_shardings)
   # Built directly in its layout: the optimizer state is born sharded like the params.
   state = jax.jit(functools.partial(TrainState.create, tx=tx, seed=rl.seed), out_shardings=state_shardings)(params)
-  # Only a KL needs the reference; a copy, as each update donates the state's buffers.
-  ref_params = jax.tree.map(jnp.copy, params) if loss_cfg.kl_coef else None
+  # Only a KL needs the reference: a copy (each update donates the state's buffers), in the compute dtype.
+  ref_params = reference_params(params, model_cfg) if loss_cfg.kl_coef else None
   return ShardedState(tx, schedule, param_shardings, state_shardings, sharding.batch_sharding(mesh, 1), state,
                       ref_params)
+
+
+def reference_params(params, model_cfg):
+  """The KL reference's copy of `params` in the compute dtype (bf16 on an accelerator: half the f32 copy),
+  except the LM head's weights (`embed` when tied, `lm_head`) under lm_head_f32, which stay as they are so
+  the reference's log-probs come from the same f32 head as the policy's."""
+  head = {"embed", "lm_head"} if model_cfg.lm_head_f32 else set()
+
+  def copy(path, x):
+    keep = getattr(path[-1], "key", None) in head or not jnp.issubdtype(x.dtype, jnp.floating)
+    return jnp.copy(x) if keep else x.astype(model_cfg.jnp_dtype)
+  layout = jax.tree.map(lambda x: x.sharding, params)
+  return jax.jit(lambda p: jax.tree_util.tree_map_with_path(copy, p), out_shardings=layout)(params)
 
 
 def build_engines(rl, model_cfg, tokenizer, mesh, rollout_devices):

@@ -72,3 +72,34 @@ def count_nonfinite(counts: dict, skipped_S, *, iteration: int, limit: int, late
         f"(UpdateConfig.max_nonfinite_skips={limit}); stopping at iteration {iteration}. "
         f"The newest checkpoint ({latest_checkpoint}) holds the last finite state; lower the learning "
         f"rate or check the rewards (metrics.jsonl: train/skipped_nonfinite).")
+
+
+ZERO_VARIANCE_PATIENCE = 10  # iterations in a row with no group carrying signal before the warning
+
+
+class RolloutWatch:
+  """Warnings about rollouts that cannot teach: every completion truncated (a model that never stops), and
+  every group's rewards equal for ZERO_VARIANCE_PATIENCE iterations in a row (no advantage anywhere). Each
+  names the fields to look at. The streak restarts on resume."""
+
+  def __init__(self, rl, stops, tokenizer):
+    self.rl, self.stops, self.tokenizer = rl, stops, tokenizer
+    self.flat_streak = 0
+
+  def check(self, iteration: int, rewards_B: np.ndarray, stopped_B: np.ndarray) -> None:
+    ro = self.rl.rollout
+    if not stopped_B.any():
+      log.warning("iteration %d: none of the %d completions stopped on its own (all ran to max_new_tokens=%d); "
+                  "stop tokens: %s. A chat model whose end of turn is not among them never stops: add it with "
+                  "RolloutConfig.stop_token_ids or RolloutConfig.stop_strings, or raise RolloutConfig.max_new_tokens",
+                  iteration, len(stopped_B), ro.max_new_tokens, self.stops.describe(self.tokenizer))
+    groups = np.asarray(rewards_B, np.float64).reshape(-1, ro.num_generations)
+    flat = bool((groups.max(1) == groups.min(1)).all())
+    self.flat_streak = self.flat_streak + 1 if flat else 0
+    if self.flat_streak and self.flat_streak % ZERO_VARIANCE_PATIENCE == 0:
+      log.warning("iteration %d: every group's rewards have been equal for %d iterations in a row (reward mean "
+                  "%.3g now): no completion is better than its group's others, so every advantage is 0 and nothing "
+                  "is learned. Check TaskConfig.rewards (does the reward ever differ?), the task's difficulty for "
+                  "this model, RolloutConfig.temperature=%g, RolloutConfig.num_generations=%d and "
+                  "RolloutConfig.max_new_tokens=%d", iteration, self.flat_streak, float(groups.mean()),
+                  ro.temperature, ro.num_generations, ro.max_new_tokens)
