@@ -96,3 +96,30 @@ def test_warnings_name_the_fields_for_truncated_and_signal_free_rollouts(caplog)
     watch.check(200, flat, stopped)
   assert f"equal for {ZERO_VARIANCE_PATIENCE} iterations in a row" in caplog.text
   assert "TaskConfig.rewards" in caplog.text and "RolloutConfig.temperature" in caplog.text
+
+
+def test_bf16_run_holds_its_kl_reference_in_bf16_and_trains(model_dir, tmp_path, caplog):
+  """The path 'auto' takes on an accelerator, on CPU: bf16 compute over f32 master weights, the reference in bf16."""
+  from cispo_jax.rl import losses
+  from cispo_jax.rl.optim import OptimConfig
+  from cispo_jax.sharding import MeshConfig
+  from cispo_jax.task import TaskConfig
+  from cispo_jax.trainer import Trainer
+
+  rl = RLConfig().replace(run_dir=str(tmp_path), model_dir=model_dir, total_steps=1, prompts_per_step=4,
+                          num_generations=4, max_new_tokens=4, eval_size=4, export_final=False, dtype="bfloat16",
+                          num_iterations=1)  # one optimizer step: the policy is still the reference
+  task = TaskConfig(task="arithmetic", task_args={"max_operand": 9}, train_size=16, eval_size=4,
+                    rewards=(("final_numeric", 1.0), ("user_reward_fns:length_bonus", 0.1)))
+  with caplog.at_level(logging.INFO, logger="cispo_jax.trainer.parts"):
+    trainer = Trainer(rl, losses.LossConfig(kl_coef=0.1), OptimConfig(learning_rate=1e-2),
+                      MeshConfig(data=1, fsdp=1, tensor=1), task, devices=jax.devices()[:1])
+  try:
+    assert "dtype bfloat16 (ModelRunConfig.dtype='bfloat16'), master weights float32" in caplog.text
+    dtypes = {x.dtype for x in jax.tree.leaves(trainer.ref_params)}
+    assert dtypes == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}  # bf16 layers, the f32 head
+    assert {x.dtype for x in jax.tree.leaves(trainer.state.params)} == {jnp.dtype(jnp.float32)}
+    metrics = trainer.step()
+    assert np.isfinite(metrics["train/loss"]) and 0 <= metrics["train/kl_ref"] < 1e-2, metrics["train/kl_ref"]
+  finally:
+    trainer.close()
