@@ -26,7 +26,7 @@ from cispo_jax.model import forward
 from cispo_jax.model.hf_io import save_model
 from cispo_jax.model.tiny import build_char_tokenizer, tiny_config
 from cispo_jax.model.transformer import init_params
-from cispo_jax.task import LATER_FIELDS, make_sources
+from cispo_jax.task import LATER_FIELDS, REWARD_FIELDS, make_sources
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +111,13 @@ def sft(params, model_cfg, tokens, valid, target, cfg: BootstrapConfig):
 
 def bootstrap_model(task_cfg, cfg: BootstrapConfig) -> str:
   """Build (or reuse) the bootstrap model directory for this task and return its path."""
-  # Keyed on what shapes the model: the reward mix, its timeout and the too-long policy (the SFT
-  # examples are not filtered by it) don't, so changing them reuses it.
+  # Keyed on what shapes the model: the reward fields (task.REWARD_FIELDS: the mix, its timeouts, workers and
+  # error policy) and the too-long policy (the SFT examples are not filtered by it) don't, so changing them
+  # reuses it.
   # Fields added later (task.LATER_FIELDS) are keyed only when set, so existing directories keep their keys.
   defaults = dataclasses.asdict(type(task_cfg)(**{"task": task_cfg.task, "train_path": task_cfg.train_path}))
   data_cfg = {k: v for k, v in dataclasses.asdict(task_cfg).items()
-              if k not in ("rewards", "reward_timeout_s", "too_long") and not (k in LATER_FIELDS and v == defaults[k])}
+              if k not in (*REWARD_FIELDS, "too_long") and not (k in LATER_FIELDS and v == defaults[k])}
   key = hashlib.sha1(json.dumps([dataclasses.asdict(cfg), data_cfg], sort_keys=True, default=str).encode()
                      ).hexdigest()[:12]
   path = os.path.join(cfg.cache_dir, f"model-{key}")

@@ -19,6 +19,9 @@ DEFAULT_REWARD = {"arithmetic": "final_numeric", "countdown": "countdown", "json
                   "dataset": "math_answer"}
 HELDOUT = "heldout"  # the name evaluation gives the held-out split
 # Fields added after bootstrap models were first keyed on this config: left out of that key at their defaults.
+# How rewards are run and their failures treated: they do not shape the bootstrap model, so its key leaves them out.
+REWARD_FIELDS = ("rewards", "reward_timeout_s", "reward_batch_timeout_s", "reward_workers", "on_reward_error")
+ON_REWARD_ERROR = ("mask", "zero")
 LATER_FIELDS = ("messages_key", "extra_keys", "prompt_format", "prompt_template", "system_prompt", "few_shot",
                 "eval_sets", "eval_samples", "eval_k", "eval_batch_size")
 
@@ -36,7 +39,12 @@ class TaskConfig:
   answer_key: str = "answer"
   # (name, weight) pairs from the reward registry, or "module:function"; () = the task's default.
   rewards: tuple = ()
-  reward_timeout_s: float = 5.0
+  reward_timeout_s: float = 5.0  # per (item, reward) evaluation
+  reward_batch_timeout_s: float | None = 120.0  # per scored batch (what is left counts as timed out); None = unbounded
+  reward_workers: int = 0  # isolated worker processes a batch is split over; 0 = by cores (rewards/scoring.py)
+  # A row whose reward failed (timeout, exception, crashed worker, non-finite value): "mask" = out of the update
+  # and out of its group's statistics (rl/advantages.py); "zero" = scored 0 like a wrong answer (the old way).
+  on_reward_error: str = "mask"
   # A prompt too long for the run (the largest prompt bucket, or the model's
   # max_position_embeddings less max_new_tokens), found when the data is loaded:
   # "drop" = leave it out, counted and logged; "refuse" = fail naming its file:line.
@@ -85,6 +93,12 @@ class TaskConfig:
       raise ValueError(f"TaskConfig.too_long={self.too_long!r}; allowed: {list(data_lib.TOO_LONG_POLICIES)}")
     if not self.reward_timeout_s > 0:
       raise ValueError(f"TaskConfig.reward_timeout_s={self.reward_timeout_s}; must be > 0")
+    if self.reward_batch_timeout_s is not None and not self.reward_batch_timeout_s > 0:
+      raise ValueError(f"TaskConfig.reward_batch_timeout_s={self.reward_batch_timeout_s}; must be > 0 or None")
+    if not isinstance(self.reward_workers, int) or isinstance(self.reward_workers, bool) or self.reward_workers < 0:
+      raise ValueError(f"TaskConfig.reward_workers={self.reward_workers!r}; must be an int >= 0 (0 = by cores)")
+    if self.on_reward_error not in ON_REWARD_ERROR:
+      raise ValueError(f"TaskConfig.on_reward_error={self.on_reward_error!r}; allowed: {list(ON_REWARD_ERROR)}")
     for item in self.reward_list():
       if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
         raise ValueError(f"TaskConfig.rewards entry {item!r}; expected (name, weight)")
@@ -202,7 +216,8 @@ class Scorer:
   """Weighted reward mix for training; the first reward alone decides a pass in eval, and the format
   check it names (its `format_reward` attribute, e.g. math_answer's math_format) tells format errors.
 
-  One isolated worker process per mix, booted now so its start-up overlaps model loading. Thread-safe:
+  TaskConfig.reward_workers isolated worker processes per mix (each scorer's own), booted now so their
+  start-up overlaps model loading; the per-item and per-batch timeouts are TaskConfig's. Thread-safe:
   a pipelined run's rollout thread scores while eval may score on the trainer's thread, and a worker
   answers one request at a time.
   """
@@ -210,18 +225,20 @@ class Scorer:
   def __init__(self, cfg: TaskConfig):
     self._lock = threading.Lock()
     mix = tuple(cfg.reward_list())
-    self._train = reward_lib.RewardScorer(reward_lib.RewardConfig(mix, timeout_s=cfg.reward_timeout_s))
-    self._pass = self._train if len(mix) == 1 else reward_lib.RewardScorer(
-        reward_lib.RewardConfig(mix[:1], timeout_s=cfg.reward_timeout_s))
+    make = lambda rewards: reward_lib.RewardScorer(reward_lib.RewardConfig(  # noqa: E731
+        rewards, timeout_s=cfg.reward_timeout_s, batch_timeout_s=cfg.reward_batch_timeout_s,
+        workers=cfg.reward_workers))
+    self._train = make(mix)
+    self._pass = self._train if len(mix) == 1 else make(mix[:1])
     self._scorers = [self._train] if self._pass is self._train else [self._train, self._pass]
     format_reward = getattr(reward_lib.get_reward(mix[0][0]), "format_reward", None)
-    self._format = reward_lib.RewardScorer(reward_lib.RewardConfig(
-        ((format_reward, 1.0),), timeout_s=cfg.reward_timeout_s)) if format_reward else None
+    self._format = make(((format_reward, 1.0),)) if format_reward else None
     self._scorers += [self._format] if self._format is not None else []
     for scorer in self._scorers:
       scorer.start()
 
   def __call__(self, completions: list[str], examples: list[data_lib.Example]) -> tuple[np.ndarray, dict[str, Any]]:
+    """(rewards, stats) of the training mix; stats["valid"]: the rows none of whose rewards failed."""
     with self._lock:
       return self._train.score(completions, examples)
 

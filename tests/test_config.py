@@ -8,7 +8,7 @@ import pytest
 
 from cispo_jax import cli
 from cispo_jax.config import operative as operative_config
-from cispo_jax.config.operative import ADDED, RENAMED
+from cispo_jax.config.operative import ADDED, ADDED_NOT_DEFAULT, RENAMED
 from cispo_jax.trainer import SECTIONS, RLConfig, RolloutConfig, UpdateConfig
 
 
@@ -139,14 +139,26 @@ def test_old_rl_config_keys_in_gin_files_name_file_and_line(tmp_path):
 
 def test_a_run_dir_recorded_before_the_split_resumes_and_reads_under_the_new_keys(tmp_path):
   """operative_config.gin of a run started before RLConfig had sections: same settings, no config change."""
-  built = cli.parse()
+  # a key added since reads as its default (each ADDED value is the default config's binding), except the
+  # keys whose default changed (ADDED_NOT_DEFAULT, each with its reason): there the old value is not the default
+  default = operative_config.bindings(cli.parse()["operative"])
+  assert {k: default[k] for k in ADDED if k not in ADDED_NOT_DEFAULT} == {
+      k: v for k, v in ADDED.items() if k not in ADDED_NOT_DEFAULT}
+  assert set(ADDED_NOT_DEFAULT) <= set(ADDED) and all(default[k] != ADDED[k] for k in ADDED_NOT_DEFAULT)
+  assert all(len(why) > 20 for why in ADDED_NOT_DEFAULT.values())
+  built = cli.parse_args([a for k in ADDED_NOT_DEFAULT for a in ("--gin_param", f"{k} = {ADDED[k]}")])  # old values
   old_key = {new: old for old, new in RENAMED.items()}
   old_text = "".join(f"{old_key.get(key, key)} = {value}\n" for key, _, value in
                      (line.partition(" = ") for line in built["operative"].splitlines()) if key not in ADDED)
   assert "RLConfig.temperature = 1.0" in old_text and "RolloutConfig." not in old_text
-  # a key added since reads as its default (each ADDED value is the default config's binding)
   assert {k: operative_config.bindings(built["operative"])[k] for k in ADDED} == ADDED
   assert operative_config.bindings(old_text) == operative_config.bindings(built["operative"])
+  # resumed with today's default instead, the old run's behaviour would change: refused, naming each such key
+  (tmp_path / "operative_config.gin").write_text(old_text)
+  for key in ADDED_NOT_DEFAULT:
+    with pytest.raises(ValueError, match=rf"{key}: {ADDED[key]} -> {default[key]}"):
+      operative_config.record_operative_config(str(tmp_path), cli.parse()["operative"], resuming=True,
+                                               allow_change=False, iteration=3)
   (tmp_path / "operative_config.gin").write_text(old_text)
   operative_config.record_operative_config(str(tmp_path), built["operative"], resuming=True, allow_change=False,
                                            iteration=3)

@@ -41,7 +41,8 @@ def _host(tree):
 
 
 def _comparable(rows):
-  return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens/per_s", "pipeline/"))} for r in rows]
+  return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens/per_s", "pipeline/", "compile/"))}
+          for r in rows]  # compile/: programs this process built (a resumed one builds them again)
 
 
 def _run(trainer, **kw):

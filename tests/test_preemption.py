@@ -102,7 +102,7 @@ def _interrupt(proc: subprocess.Popen, run_dir: Path, moment: str, rng: random.R
 
 
 def _comparable(rows):
-  return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens/per_s"))} for r in rows]
+  return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens/per_s", "compile/"))} for r in rows]
 
 
 def _final_params(run_dir: Path) -> dict:

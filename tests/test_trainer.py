@@ -68,8 +68,78 @@ def test_every_loss_trains_end_to_end(model_dir, tmp_path, loss_type):
     np.testing.assert_array_equal(a, b)
 
 
+# ----------------------------------------------------------------------------- the direction of learning
+
+# Every registered loss, KL to a reference on; dual clip beside the plain PPO form (the only loss code it changes).
+DIRECTION_CASES = [(t, None) for t in sorted(losses.LOSS_TYPES)] + [("grpo", 3.0)]
+DG, DN, DP, DT, DV = 2, 4, 3, 6, 32  # prompt groups, completions per prompt, prompt / completion length, vocab
+ADV_B = np.array([1, -1, 1, -1, -1, 1, 1, -1], np.float32)  # hand-chosen, zero-mean in each group
+STALE_B = np.array([0, 1, 0, 0, 1, 0, 0, 0], bool)  # two A < 0 rows sampled by an older policy: ratio e^1.5
+
+
+@pytest.fixture(scope="module")
+def direction_setup():
+  """A tiny random policy, fixed tokens and its log-probs; old log-probs on-policy but for the STALE_B rows."""
+  import jax.numpy as jnp
+
+  from cispo_jax.model.logprobs import completion_logps
+  from cispo_jax.model.tiny import random_params, tiny_config
+
+  cfg = tiny_config(vocab_size=DV, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
+  params = jax.tree.map(jnp.asarray, random_params(cfg, 0))
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(1, DV, (DG * DN, DP + DT)), jnp.int32)
+  kv_valid = jnp.ones(tokens.shape, bool)
+  logps = jax.jit(lambda p: completion_logps(p, cfg, tokens, kv_valid, DT, 1.0)[0])
+  before = logps(params)
+  old = before - 1.5 * jnp.asarray(STALE_B[:, None], jnp.float32)
+  ref = before + jnp.asarray(rng.uniform(-0.3, 0.3, before.shape), jnp.float32)  # KL's gradient is not 0
+  return dict(cfg=cfg, params=params, tokens=tokens, kv_valid=kv_valid, logps=logps, before=np.asarray(before),
+              old=old, ref=ref)
+
+
+@pytest.mark.parametrize("loss_type,dual_clip", DIRECTION_CASES)
+def test_every_loss_raises_the_logps_of_positive_advantages(direction_setup, loss_type, dual_clip):
+  """Two SGD epochs of update_on_rollout (2 micro-batches, KL on; the second epoch off-policy, clipped where the
+  loss clips): the log-probs of the A > 0 completions rise and those of A < 0 fall, on average, and that move is
+  most of the change (the advantage-weighted change is over half the mean |change|; a policy whose tokens all moved
+  alike scores 0, one that learned backwards -1). The same batch with the advantages negated must move the other
+  way: a loss that flipped the sign fails both, one blind to the sign fails one."""
+  import functools
+
+  import jax.numpy as jnp
+  import optax
+
+  from cispo_jax.rl.train_step import RolloutBatch, StepConfig, TrainState, update_on_rollout
+
+  s = direction_setup
+  loss = losses.LossConfig(loss_type=loss_type, kl_coef=0.05, dual_clip=dual_clip,
+                           max_completion_length=DT if loss_type == "dr_grpo" else None).resolved()
+  step_cfg = StepConfig(model=s["cfg"], loss=loss, temperature=1.0, micro_batches=2, num_generations=DN, use_ref=True)
+  tx = optax.sgd(0.3)
+  update = jax.jit(functools.partial(update_on_rollout, cfg=step_cfg, tx=tx, schedule=lambda _: jnp.float32(0.3),
+                                     num_iterations=2, num_minibatches=1))
+  state = TrainState.create(s["params"], tx, seed=0)
+  for sign in (1.0, -1.0):
+    adv_B = sign * ADV_B
+    batch = RolloutBatch(s["tokens"], s["kv_valid"], jnp.ones((DG * DN, DT), jnp.float32), s["old"], s["ref"],
+                         jnp.asarray(np.repeat(adv_B[:, None], DT, 1)), jnp.repeat(jnp.arange(DG, dtype=jnp.int32), DN))
+    new, metrics = update(state, batch)
+    assert np.asarray(metrics["skipped_nonfinite"]).sum() == 0
+    for key, value in metrics.items():
+      assert np.isfinite(np.asarray(value)).all(), f"{loss_type}: metric {key}={value}"
+    if dual_clip is not None and sign > 0:  # the stale A < 0 rows (ratio e^1.5 > 3) are bounded by the dual clip
+      assert float(np.asarray(metrics["clip_frac_dual"])[0]) > 0
+    delta = np.asarray(s["logps"](new.params)) - s["before"]  # [B, T]
+    up, down = delta[adv_B > 0].mean(), delta[adv_B < 0].mean()
+    aligned = (adv_B[:, None] * delta).mean()  # |A| = 1: the advantage-weighted change per token
+    scale = np.abs(delta).mean()
+    print("DIR", loss_type, dual_clip, sign, up, down, aligned / scale, scale, np.asarray(metrics.get("clip_frac_dual", [0]))[0])
+    assert up > 0 > down and aligned > 0.5 * scale > 1e-3, (loss_type, dual_clip, sign, up, down, aligned, scale)
+
+
 def _comparable(rows):
-  return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens/per_s"))} for r in rows]
+  return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens/per_s", "compile/"))} for r in rows]
 
 
 def test_interrupted_run_resumes_exactly(model_dir, tmp_path):
@@ -139,6 +209,8 @@ def test_bootstrap_builds_a_loadable_model_once(tmp_path):
   stamp = os.path.getmtime(marker)
   assert bootstrap_model(task, cfg) == path and os.path.getmtime(marker) == stamp  # cached, not retrained
   assert bootstrap_model(dataclasses.replace(task, rewards=(("exact_numeric", 1.0),)), cfg) == path  # rewards don't shape it
+  assert bootstrap_model(dataclasses.replace(task, on_reward_error="zero", reward_workers=3,
+                                             reward_batch_timeout_s=9.0), cfg) == path  # nor how they are run
   assert bootstrap_model(task, dataclasses.replace(cfg, sft_steps=4)) != path  # another config, another model
 
 

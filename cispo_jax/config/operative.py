@@ -35,6 +35,20 @@ ADDED: dict[str, str] = {
     "RolloutConfig.interrupt_text": "'\\n\\nOkay, time is up. Let me stop thinking and formulate a final answer now.\\n</think>\\n\\n'",
     "RolloutConfig.think_end_text": "'</think>'",
     "UpdateConfig.overlong_filter": "False", "UpdateConfig.overlong_buffer": "0", "UpdateConfig.overlong_penalty": "1.0",
+    # the coarse buckets change only runs of 1024 positions or more, and those by f32 rounding (update_plan.Buckets)
+    "UpdateConfig.coarse_buckets_from": "1024", "UpdateConfig.coarse_bucket_levels": "(2, 4)",
+    "UpdateConfig.precompile": "False",
+    # A batch's rewards do not depend on how many workers score it: the default (by cores) behaves as 1 did.
+    "TaskConfig.reward_batch_timeout_s": "120.0", "TaskConfig.reward_workers": "0",
+    "TaskConfig.on_reward_error": "'zero'",
+}
+# ADDED keys whose old behaviour is not today's default, and why the default changed. A run directory recorded
+# before such a key reads as the old value, so resuming it with the new default is a config change, refused
+# (naming the key) unless the run sets the old value or passes --allow_config_change: what the old run did is
+# not silently redefined. Every other ADDED value is the default config's binding (tests/test_config.py).
+ADDED_NOT_DEFAULT: dict[str, str] = {
+    "TaskConfig.on_reward_error": "a failed reward (timeout, exception, crash) was scored 0, a wrong answer; it "
+                                  "is now masked out of the update and of its group's statistics ('mask')",
 }
 
 

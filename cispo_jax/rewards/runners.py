@@ -105,6 +105,12 @@ class ProcessRunner:
     except (ProcessLookupError, PermissionError):  # the group is gone already
       pass
 
+  def interrupt(self) -> None:
+    """Kills the worker's group (not reaped: close() or restart() does that), so a get() waiting on it
+    returns DIED at once."""
+    if self.proc is not None and self.proc.returncode is None:
+      self._kill_group()
+
   def exit_note(self) -> str:
     self._kill_group()  # what the dead worker's rewards started goes with it
     try:
@@ -154,6 +160,9 @@ class ThreadRunner:
   def restart(self) -> None:
     self.restarts += 1
     self.results = queue.Queue()
+
+  def interrupt(self) -> None:
+    pass  # a thread cannot be stopped; its queue is replaced by restart()
 
   def exit_note(self) -> str:
     return "reward thread died"

@@ -52,10 +52,26 @@ class UpdateConfig:
   #   forward runs as before. logp_gap/sampler_vs_trainer is computed after the update then. Not with a stale
   #   rollout (RolloutConfig.max_staleness > 0): its old log-probs are the behaviour policy's.
   old_logps_in_update: bool = True
+  # Bounded compiles (update_plan.Buckets): from coarse_buckets_from completion positions on (RolloutConfig.
+  #   max_new_tokens >= it; 0 = never) the buckets above are coarse: coarse_bucket_levels = (row sizes, widths),
+  #   each the full size halved (G/M groups per minibatch; max_new_tokens positions), so at most their product
+  #   update programs (and gather / log-prob forwards) per prompt bucket; at 8192 positions and 64 groups:
+  #   rows 32 or 64 groups x widths 1024, 2048, 4096, 8192 = 8 programs, against 12 x 20 = 240 on the fine ladder.
+  #   Shorter budgets keep the fine ladder, so runs below 1024 positions are unchanged; a padded bucket changes
+  #   the loss only by f32 rounding (padding carries no weight).
+  coarse_buckets_from: int = 1024
+  coarse_bucket_levels: tuple = (2, 4)
+  # precompile: before the first iteration, compile the update, the row gather and the old / reference forwards
+  #   for every (rows, width) bucket (update_plan.update_shapes) and every prompt bucket the training prompts
+  #   reach, from shapes alone (no data); logged with its count and seconds. The run's numbers do not change.
+  precompile: bool = False
 
   def __post_init__(self):
     at_least(self, ("num_iterations", "num_minibatches", "micro_batches", "max_nonfinite_skips"), 1)
-    at_least(self, ("overlong_buffer",), 0)
+    at_least(self, ("overlong_buffer", "coarse_buckets_from"), 0)
+    levels = self.coarse_bucket_levels
+    if not (isinstance(levels, tuple) and len(levels) == 2 and all(isinstance(v, int) and v >= 1 for v in levels)):
+      raise ValueError(f"UpdateConfig.coarse_bucket_levels={levels!r}; must be (row sizes, widths), two ints >= 1")
     if not self.overlong_penalty >= 0:
       raise ValueError(f"UpdateConfig.overlong_penalty={self.overlong_penalty}; must be >= 0 (the penalty's size)")
     if self.advantage not in ADVANTAGE_ESTIMATORS:

@@ -23,6 +23,8 @@ compare): lo r < 0.8 | mid 0.8..1.2 | hi 1.2..5 | xhi r > 5. Metrics, all fracti
                                 loss removes in the cell, sum a |g0| (1 - kept); negative where it
                                 adds weight (CISPO relative mode raises r < 1 - eps_low)
   diag/zeroed, diag/removed     the same over all tokens
+  diag/weight                   sum_t a_t |g0_t|, the removed shares' weight over micro-batches and
+                                steps (rl/reductions.py); not logged
 The fork claim (a) reads off the hi/xhi cells of the positive sign: GRPO/DAPO zero them, CISPO
 keeps min(r, cap) / r of them.
 """
@@ -95,7 +97,8 @@ def accounting_metrics(logps_BxT, old_logps_BxT, advantages, mask_BxT, cfg: loss
   removed_BxT = w0_BxT * (1.0 - w["kept"])
   w0_total = jnp.maximum(w0_BxT.sum(), 1e-30)
   zeroed_BxT = (w["g0"] != 0) & (jnp.abs(w["g"]) <= ZERO_TOL * jnp.abs(w["g0"]))
-  out = {"diag/zeroed": zeroed_BxT.sum() / n_tok, "diag/removed": removed_BxT.sum() / w0_total}
+  out = {"diag/zeroed": zeroed_BxT.sum() / n_tok, "diag/removed": removed_BxT.sum() / w0_total,
+         "diag/weight": w0_BxT.sum()}
   for (s, b), cell in cells(w["ratio"], w["adv"], w["valid"]).items():
     out[f"diag/tok_{s}_{b}"] = cell.sum() / n_tok
     out[f"diag/zeroed_{s}_{b}"] = (cell & zeroed_BxT).sum() / n_tok

@@ -333,6 +333,7 @@ def policy_loss(logps_BxT, old_logps_BxT, advantages, mask_BxT, cfg: LossConfig,
   denominator = denominator.astype(jnp.float32)
   safe_den = jnp.maximum(denominator, 1e-8)
   metrics["pg_loss"] = aggregate(pg_BxT)[0] / safe_den
+  metrics["loss_denominator"] = denominator  # pg_loss's weight over micro-batches (rl/reductions.py)
   for name, v in stats.items():
     metrics[name] = _masked_stats(v.astype(jnp.float32), mask, n)[0]
   metrics["ratio_mean"], metrics["ratio_min"], metrics["ratio_max"] = _masked_stats(ratio, mask, n)

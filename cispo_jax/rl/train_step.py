@@ -34,6 +34,7 @@ import optax
 
 from cispo_jax.rl import diagnostics
 from cispo_jax.rl import losses
+from cispo_jax.rl import reductions
 from cispo_jax.model import ModelConfig
 from cispo_jax.model.logprobs import completion_logps
 
@@ -108,7 +109,8 @@ def split_micro(batch, micro: int, group: int):
 
 
 def train_step(state: TrainState, mb: RolloutBatch, *, cfg: StepConfig, tx, schedule):
-  """One optimizer step on one minibatch (accumulating over cfg.micro_batches).
+  """One optimizer step on one minibatch (accumulating over cfg.micro_batches); each metric is reduced
+  over the micro-batches as reductions.REDUCTIONS declares (ratio_max the max over all tokens, ...).
 
   Skipped, with the state returned unchanged, when the loss or the gradient is not finite (see
   the module docstring); metrics["skipped_nonfinite"] (int32) is 1 then, else 0.
@@ -150,7 +152,7 @@ def _train_step(state: TrainState, mb: RolloutBatch, old_from_current, *, cfg: S
   # of temp memory; the conditional updates the donated buffers in place (no more temp than
   # the unguarded step: measured with sharding.compiled_memory("train_step", ...)).
   new_state = jax.lax.cond(finite, apply, lambda state: state, state)
-  metrics = jax.tree.map(jnp.mean, metrics)
+  metrics = reductions.over_micro(metrics)  # each metric its own reduction: max, min, sum, weighted mean
   metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
                  skipped_nonfinite=jnp.logical_not(finite).astype(jnp.int32))
   return new_state, metrics, logps
@@ -169,7 +171,8 @@ def epoch_permutations(rng_data, n_groups: int, num_iterations: int):
 
 
 def update_on_rollout(state: TrainState, batch: RolloutBatch, order_IxMxG=None, *, cfg: StepConfig, tx,
-                      schedule, num_iterations: int, num_minibatches: int, old_from_first_step: bool = False):
+                      schedule, num_iterations: int, num_minibatches: int, old_from_first_step: bool = False,
+                      packed: bool = False):
   """num_iterations passes over the rollout, each in num_minibatches shuffled (by group) minibatches.
 
   order_IxMxG: None, the shuffle drawn here (minibatch j of epoch i takes the groups perm_i[j::M]
@@ -183,8 +186,9 @@ def update_on_rollout(state: TrainState, batch: RolloutBatch, order_IxMxG=None, 
 
   Returns the new state and per-step metrics stacked [num_iterations * num_minibatches];
   metrics["skipped_nonfinite"] marks the steps skipped for a non-finite loss or gradient (sum it,
-  don't average it, to count them). With old_from_first_step also the old log-probs [B, N] (the
-  rows of `batch`).
+  don't average it, to count them). packed: instead, the metrics reduced over the steps as well
+  (reductions.py) with the per-step skipped_nonfinite, in one reductions.PackedMetrics vector (one
+  transfer to the host). With old_from_first_step also the old log-probs [B, N] (the rows of `batch`).
   """
   B, N = batch.mask_BxN.shape
   n = cfg.num_generations
@@ -222,6 +226,8 @@ def update_on_rollout(state: TrainState, batch: RolloutBatch, order_IxMxG=None, 
   (state, old_BxN), metrics = jax.lax.scan(
       epoch, (state, batch.old_logps_BxN if old_from_first_step else None), (jnp.arange(num_iterations), rows_IxMxR))
   metrics = jax.tree.map(lambda m: m.reshape(-1), metrics)
+  if packed:
+    metrics = reductions.pack(reductions.over_steps(metrics), {"skipped_nonfinite": metrics["skipped_nonfinite"]})
   if old_from_first_step:
     return state, metrics, old_BxN
   return state, metrics

@@ -204,20 +204,22 @@ class Rollout:
   behaviour_logps_BxN: Any  # training-forward log-probs at `version` (stale rollouts only), on device
   stream_state: dict  # the prompt stream's state after this rollout's prompts were drawn
   seconds: dict  # time/<phase>_s spent making it: rollout (sampling), reward, logps (behaviour forward)
+  valid_B: np.ndarray | None = None  # [B] bool, all-gathered: rows none of whose rewards failed; None = all
 
   def to_json(self) -> dict:
     """Host copies of everything (one process: pipelined runs are single-process)."""
     return {"iteration": self.iteration, "version": self.version, "out": _encode(self.out._asdict()),
             "rewards_B": _encode(self.rewards_B), "stats": self.stats,
             "behaviour_logps_BxN": _encode(self.behaviour_logps_BxN), "stream_state": self.stream_state,
-            "seconds": self.seconds}
+            "seconds": self.seconds, "valid_B": _encode(self.valid_B)}
 
   @classmethod
   def from_json(cls, d: dict) -> "Rollout":
     return cls(iteration=int(d["iteration"]), version=int(d["version"]),
                out=sampling.SampleOutput(**_decode(d["out"])), rewards_B=_decode(d["rewards_B"]),
                stats=dict(d["stats"]), behaviour_logps_BxN=_decode(d["behaviour_logps_BxN"]),
-               stream_state=dict(d["stream_state"]), seconds=dict(d["seconds"]))
+               stream_state=dict(d["stream_state"]), seconds=dict(d["seconds"]),
+               valid_B=_decode(d.get("valid_B")))  # a checkpoint from before valid_B: every row valid
 
 
 def _encode(x):

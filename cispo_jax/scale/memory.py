@@ -36,6 +36,17 @@ QWEN25 = {
                        tie_word_embeddings=False, max_position_embeddings=131072, **_QWEN),
 }
 
+# Qwen/Qwen3-1.7B's config.json (the fields hf_io reads), for experiments/recipes/qwen3_1p7b_dapo.gin: its test
+# builds a model of this config and benchmarks/bench_recipe.py compiles its programs (hf_io.config_from_hf_dict).
+QWEN3_1P7B_CONFIG_JSON = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 2048,
+    "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+    "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000, "rope_scaling": None, "attention_bias": False, "tie_word_embeddings": True,
+    "use_sliding_window": False, "sliding_window": None, "max_window_layers": 28,
+    "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+}
+
 # Optimizer moments per parameter.
 OPTIMIZER_MOMENTS = {"adamw": 2, "adam": 2, "lion": 1, "sgd_momentum": 1, "sgd": 0}
 

@@ -79,8 +79,7 @@ class Trainer:
                                      n=rl.rollout.num_generations)
     self._make_rollout = RolloutMaker(rl, self.engine, self.stream, data.scorer, self.tokenizer, train_sampling)
     self.evaluator = parts.build_evaluator(rl, task, self.eval_engine, self.tokenizer, data.scorer, self.stops)
-    self.fns = parts.build_update(rl, self.loss_cfg, self.model_cfg, st.tx, st.schedule, self.mesh,
-                                  self.state_shardings, self.batch_sharding, use_ref=self.ref_params is not None)
+    self.fns = parts.build_update(rl, self.loss_cfg, self.model_cfg, st, self.mesh, data, self.tokenizer)
 
     start = parts.resume(self.ckpt, self.state, self.stream)
     self.iteration, self.state, self.eval_start = start.iteration, start.state, start.eval_start
@@ -185,20 +184,16 @@ class Trainer:
 
   def _advantages(self, r: Rollout, lengths_B, stopped_B):
     """(adv, keep, keep_B, metrics): advantages and zero-variance mask, on the devices, of the rewards with
-    DAPO's overlong penalty; keep_B (host, per group) plans the update; the overlong filter zeroes rows."""
+    DAPO's overlong penalty; keep_B (host, per group) plans the update; the overlong filter and failed rewards
+    (TaskConfig.on_reward_error='mask': also out of their groups' statistics) zero rows."""
     up, n = self.rl.update, self.rl.rollout.num_generations
     for k in self.reward_events:
       self.reward_events[k] += int(r.stats.get(k, 0))
-    rewards_B, row_keep, metrics = batch_lib.overlong_shaping(up, self.rl.rollout.max_new_tokens, r.rewards_B,
-                                                              lengths_B, stopped_B)
-    rep = sharding.replicated(self.mesh)
-    rewards = jax.make_array_from_callback(rewards_B.shape, rep, lambda idx: rewards_B[idx])
-    adv, keep = adv_lib.advantages_and_keep(rewards, up.advantage, n, up.filter_zero_variance)
-    keep_B = np.asarray(keep.addressable_data(0))  # replicated: every process holds the whole vector
-    if row_keep is not None:
-      rows = keep_B.astype(np.float32) * row_keep
-      keep = jax.make_array_from_callback(rows.shape, rep, lambda idx: rows[idx])
-      keep_B = keep_B & np.repeat(rows.reshape(-1, n).max(1) > 0, n)
+    rewards_B, valid_B, row_keep, metrics = batch_lib.reward_shaping(self.rl, self.task.on_reward_error, r,
+                                                                     lengths_B, stopped_B)
+    adv, keep = adv_lib.advantages_and_keep(batch_lib.replicate(self.mesh, rewards_B), up.advantage, n,
+                                            up.filter_zero_variance, batch_lib.replicate(self.mesh, valid_B))
+    keep, keep_B = batch_lib.keep_rows(keep, row_keep, n, self.mesh)
     return adv, keep, keep_B, metrics
 
   def _rollout_metrics(self, r: Rollout, lengths_B: np.ndarray, stopped_B: np.ndarray, keep_B: np.ndarray) -> dict:
@@ -232,7 +227,7 @@ class Trainer:
     metrics["update/rows"], metrics["update/completion_width"] = float(len(rows)), float(w)
     behaviour = _behaviour_logps(r) if source == parts.BEHAVIOUR else None
     with jax.set_mesh(self.mesh):
-      tokens, kv_valid, mask, sampler_logps, adv_BxN, behaviour = batch_lib.gather(
+      tokens, kv_valid, mask, sampler_logps, adv_BxN, behaviour = self.fns.gather(
           r.out, behaviour, self._global(rows), keep, adv, width=w, batch_sharding=self.batch_sharding)
       old_logps = {parts.BEHAVIOUR: lambda: behaviour, parts.UPDATE_FORWARD: lambda: None,
                    parts.SEPARATE_FORWARD: lambda: self.fns.logps(self.state.params, tokens, kv_valid,
@@ -253,18 +248,17 @@ class Trainer:
     return batch, () if plan.order is None else (plan.order,), gap_data
 
   def _apply_update(self, batch: RolloutBatch, extra: tuple, gap_data, metrics: dict):
-    """The jitted update on the batch; its per-optimizer-step metrics reduced into `metrics`."""
+    """The jitted update on the batch; its metrics (reduced over micro-batches and steps) into `metrics`."""
     t_update = time.perf_counter()
     with jax.set_mesh(self.mesh):
-      self.state, step_metrics, *old_logps = self.fns.update(self.state, batch, *extra)
-    step_metrics = {k: _to_host(v) for k, v in step_metrics.items()}  # one entry per optimizer step
+      self.state, packed, *old_logps = self.fns.update(self.state, batch, *extra)
+    update_metrics, per_step = packed.unpack(_to_host(packed.values))  # reduced on the devices: one transfer
     self.update_intervals.append((t_update, time.perf_counter()))
     if gap_data is not None:  # the old log-probs came from the update's first forward
       metrics["logp_gap/sampler_vs_trainer"] = float(batch_lib.logp_gap(old_logps[0], *gap_data))
-    count_nonfinite(self.nonfinite_skips, step_metrics.get("skipped_nonfinite"), iteration=self.iteration,
+    count_nonfinite(self.nonfinite_skips, per_step["skipped_nonfinite"], iteration=self.iteration,
                     limit=self.rl.update.max_nonfinite_skips, latest_checkpoint=self.ckpt.latest())
-    reduce = {"ratio_max": np.max, "ratio_min": np.min, "skipped_nonfinite": np.sum}
-    metrics.update({f"train/{k}": float(reduce.get(k, np.mean)(v)) for k, v in step_metrics.items()})
+    metrics.update({f"train/{k}": v for k, v in update_metrics.items()})
 
   def _advance(self, r: Rollout):
     """The next iteration: the prompt position after this rollout, the new version to the rollout
@@ -336,7 +330,7 @@ class Trainer:
     phases, eval, and "other" (host bookkeeping, logging). Compile time overlaps the phases."""
     now = time.perf_counter()
     metrics.update({"time/eval_s": now - t_eval, "time/checkpoint_s": save_s, "time/iteration_s": now - t_prev,
-                    "time/compile_s": self.compile_clock.take()})
+                    "time/compile_s": self.compile_clock.take(), **self.fns.program_counts()})
     metrics["time/other_s"] = metrics["time/iteration_s"] - sum(metrics[f"time/{k}_s"] for k in _PHASES)
     for k in (*_PHASES, "other", "compile"):
       self.time_totals[k] = self.time_totals.get(k, 0.0) + metrics[f"time/{k}_s"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from typing import Any
 
 import jax
@@ -15,17 +16,21 @@ import jax.numpy as jnp
 
 from cispo_jax import data as data_lib
 from cispo_jax import sharding
+from cispo_jax.data.prompts import tokenize_prompts
 from cispo_jax.evals.evaluator import Evaluator
 from cispo_jax.model import hf_io, logical_axes, param_shapes
 from cispo_jax.model.attention import choose_impl
 from cispo_jax.model.config import AUTO, resolve_dtype
 from cispo_jax.rl.optim import make_optimizer
-from cispo_jax.rl.train_step import StepConfig, TrainState, epoch_permutations, update_on_rollout
-from cispo_jax.rl.update_plan import group_quantum
+from cispo_jax.rl.train_step import RolloutBatch, StepConfig, TrainState, epoch_permutations, update_on_rollout
+from cispo_jax.rl.update_plan import Buckets, group_quantum, update_shapes
+from cispo_jax.rollout import sampling
 from cispo_jax.rollout.config import paged_config, run_stops, sampling_config
 from cispo_jax.rollout.engine import NativeEngine, Rollout, batched_completion_logps
+from cispo_jax.runtime import programs
 from cispo_jax.runtime.checkpoint import abstract_like
 from cispo_jax.task import HELDOUT, Scorer, make_sources
+from cispo_jax.trainer import batch as batch_lib
 
 log = logging.getLogger(__name__)
 
@@ -210,23 +215,31 @@ def build_evaluator(rl, task, eval_engine, tokenizer, scorer, stops) -> Evaluato
 @dataclasses.dataclass
 class UpdateFns:
   step_cfg: StepConfig
-  update: Any  # jitted (state, batch[, order]) -> (state, metrics[, old log-probs])
+  update: programs.Programs  # the jitted (state, batch[, order]) -> (state, metrics[, old log-probs])
   perms: Any  # jitted rng -> each epoch's minibatch order (UpdateConfig.compact_groups)
-  logps: Any  # (params, tokens, kv_valid, n_completion) -> completion log-probs, micro-batched
+  logps: programs.Programs  # (params, tokens, kv_valid, n_completion=) -> completion log-probs, micro-batched
+  gather: Any  # batch.gather through its programs registry
   group_quantum: int  # update rows come in multiples of this many groups (plan_update)
   old_logps_in_update: bool  # the program returns the old log-probs of its first forward
+  programs: dict  # phase -> Programs (or a count function): compile/programs_<phase> (programs.program_counts)
+
+  def program_counts(self) -> dict[str, float]:
+    """compile/programs_<phase>: the programs each phase (update, gather, logps, rollout) has built so far."""
+    return programs.program_counts(self.programs)
 
 
-def build_update(rl, loss_cfg, model_cfg, tx, schedule, mesh, state_shardings, batch_sharding,
-                 use_ref: bool) -> UpdateFns:
-  """The update program, compiled once per (rows, width) bucket, and the forwards beside it."""
+def build_update(rl, loss_cfg, model_cfg, st: ShardedState, mesh, data: Data, tokenizer) -> UpdateFns:
+  """The update program, compiled once per (rows, width) bucket, and the forwards beside it, each through a
+  programs.Programs registry; all of their buckets compiled now under UpdateConfig.precompile."""
   ro, up = rl.rollout, rl.update
+  tx, schedule, state_shardings, batch_sharding = st.tx, st.schedule, st.state_shardings, st.batch_sharding
+  use_ref = st.ref_params is not None
   step_cfg = StepConfig(model=model_cfg, loss=loss_cfg, temperature=ro.temperature, micro_batches=up.micro_batches,
                         num_generations=ro.num_generations, use_ref=use_ref)
   in_update = old_logps_source(rl, stale_rollout=False) == UPDATE_FORWARD
   update = functools.partial(update_on_rollout, cfg=step_cfg, tx=tx, schedule=schedule,
                              num_iterations=up.num_iterations, num_minibatches=up.num_minibatches,
-                             old_from_first_step=in_update)
+                             old_from_first_step=in_update, packed=True)  # metrics: one vector, one transfer
   rep = sharding.replicated(mesh)
   outs = (state_shardings, rep) + ((batch_sharding,) if in_update else ())
   if up.compact_groups:  # the host passes each epoch's minibatch order (plan_update)
@@ -237,11 +250,75 @@ def build_update(rl, loss_cfg, model_cfg, tx, schedule, mesh, state_shardings, b
                      out_shardings=outs, donate_argnums=0)
   perms = jax.jit(functools.partial(epoch_permutations, n_groups=rl.prompts_per_step,
                                     num_iterations=up.num_iterations), out_shardings=rep)
-  logps = functools.partial(batched_completion_logps, model_cfg=model_cfg, temperature=ro.temperature,
-                            micro_batches=up.micro_batches)
+  update_programs = programs.Programs("update", jitted, _describe_update)
+  logps = programs.Programs("logps", batched_completion_logps, _describe_logps, model_cfg=model_cfg,
+                            temperature=ro.temperature, micro_batches=up.micro_batches)
+  gather_rows = batch_lib.gather_programs()
   sizes = dict(mesh.shape)
   quantum = group_quantum(ro.num_generations, up.micro_batches, sizes["data"] * sizes["fsdp"])
-  return UpdateFns(step_cfg, jitted, perms, logps, quantum, in_update)
+  fns = UpdateFns(step_cfg, update_programs, perms, logps, functools.partial(batch_lib.gather, rows_fn=gather_rows),
+                  quantum, in_update, {"update": update_programs, "gather": gather_rows, "logps": logps,
+                                       "rollout": rollout_program_count})
+  if up.precompile:
+    precompile(rl, fns, st, mesh, prompt_widths(rl, data.stream.source, tokenizer))
+  return fns
+
+
+def _describe_update(args, _static) -> str:
+  batch = args[1]
+  return (f"rows {batch.tokens_BxL.shape[0]}, tokens {batch.tokens_BxL.shape[1]}, "
+          f"completion width {batch.mask_BxN.shape[1]}")
+
+
+def _describe_logps(args, static) -> str:
+  return (f"rows {args[1].shape[0]}, tokens {args[1].shape[1]}, completion width {static['n_completion']}, "
+          f"params {jax.tree.leaves(args[0])[0].dtype}")
+
+
+def rollout_program_count() -> int:
+  """The sampler's programs in this process (the static engine's, shared by rollouts and eval; the paged
+  engine's jitted steps)."""
+  from cispo_jax.rollout.paged import step as paged_step
+
+  jitted = [v for v in vars(paged_step).values() if hasattr(v, "_cache_size") and v.__module__ == paged_step.__name__]
+  return sampling.compile_count() + sum(f._cache_size() for f in jitted)
+
+
+def prompt_widths(rl, examples, tokenizer) -> list[int]:
+  """The prompt buckets a rollout of `examples` can be padded to: a batch pads to the bucket of its longest
+  prompt (sampling.bucket_for), so every bucket from that of the shortest prompt to that of the longest."""
+  ro = rl.rollout
+  lengths = [len(ids) for ids in tokenize_prompts(tokenizer, [ex.prompt for ex in examples], ro.apply_chat_template)]
+  first = lambda length: next(b for b in ro.prompt_buckets if b >= length)  # noqa: E731 (checked: it fits one)
+  lo, hi = first(min(lengths)), first(max(lengths))
+  return sorted({b for b in ro.prompt_buckets if lo <= b <= hi})
+
+
+def precompile(rl, fns: UpdateFns, st: ShardedState, mesh, widths: list[int]):
+  """UpdateConfig.precompile: lower and compile the update, the row gather and the old / reference forwards
+  for every (rows, width) update_plan.update_shapes gives and each prompt bucket in `widths`, from
+  jax.ShapeDtypeStructs in the loop's shardings (no data is made; nothing runs)."""
+  ro, up, n = rl.rollout, rl.update, rl.rollout.num_generations
+  shapes = update_shapes(groups=rl.prompts_per_step, num_generations=n, num_minibatches=up.num_minibatches,
+                         quantum=fns.group_quantum, width=ro.max_new_tokens, compact=up.compact_groups,
+                         trim=up.trim_completions, buckets=Buckets.for_run(up, ro.max_new_tokens))
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=st.batch_sharding)  # noqa: E731
+  separate = old_logps_source(rl, stale_rollout=False) == SEPARATE_FORWARD
+  t0, built = time.perf_counter(), 0
+  with jax.set_mesh(mesh):
+    for P in widths:
+      for R, w in shapes:
+        tokens, kv, f32 = spec((R, P + w), jnp.int32), spec((R, P + w), jnp.bool_), spec((R, w), jnp.float32)
+        built += fns.programs["gather"].compile(
+            *batch_lib.gather_specs(rl, P, R, st.batch_sharding, sharding.replicated(mesh)), width=w)
+        for params in ([st.state.params] if separate else []) + ([st.ref_params] if st.ref_params is not None else []):
+          built += fns.logps.compile(params, tokens, kv, n_completion=w)
+        order = (jax.ShapeDtypeStruct((up.num_iterations, up.num_minibatches, R // (n * up.num_minibatches)),
+                                      jnp.int32),) if up.compact_groups else ()
+        batch = RolloutBatch(tokens, kv, f32, f32, f32, f32, spec((R,), jnp.int32))
+        built += fns.update.compile(st.state, batch, *order)
+  log.info("precompiled %d programs (%d update buckets x %d prompt buckets %s) in %.1f s", built, len(shapes),
+           len(widths), widths, time.perf_counter() - t0)
 
 
 # --- resume ---------------------------------------------------------------------------------------
