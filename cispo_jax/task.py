@@ -18,10 +18,10 @@ from cispo_jax.data import chat, hf_data
 DEFAULT_REWARD = {"arithmetic": "final_numeric", "countdown": "countdown", "jsonl": "math_verify",
                   "dataset": "math_answer"}
 HELDOUT = "heldout"  # the name evaluation gives the held-out split
-# Fields added after bootstrap models were first keyed on this config: left out of that key at their defaults.
 # How rewards are run and their failures treated: they do not shape the bootstrap model, so its key leaves them out.
 REWARD_FIELDS = ("rewards", "reward_timeout_s", "reward_batch_timeout_s", "reward_workers", "on_reward_error")
 ON_REWARD_ERROR = ("mask", "zero")
+# Fields added after bootstrap models were first keyed on this config: left out of that key at their defaults.
 LATER_FIELDS = ("messages_key", "extra_keys", "prompt_format", "prompt_template", "system_prompt", "few_shot",
                 "eval_sets", "eval_samples", "eval_k", "eval_batch_size")
 

@@ -81,6 +81,23 @@ def test_scorer_marks_failed_items_invalid_and_a_pool_scores_as_one_worker(monke
   assert "items [7]" in caplog.text and "items [1, 4, 8]" in caplog.text  # each failure logged with its index
 
 
+def test_fast_rewards_stay_on_one_worker_and_slow_ones_are_split():
+  """The first batch is split; after one whose rewards took < SPLIT_MIN_ITEM_S an item (timed in the worker) the
+  next runs on the first worker alone (a crash in its second half restarts worker 0); a hang makes it slow."""
+  scorer = RewardScorer(RewardConfig((("test_flaky", 1.0),), timeout_s=0.5, workers=2))
+  try:
+    scorer.score(["81"] * 8, [NUM] * 8)
+    assert scorer.item_s < scoring.SPLIT_MIN_ITEM_S
+    scorer.score(["81"] * 6 + ["exit", "81"], [NUM] * 8)
+    assert [r.restarts for r in scorer.runners] == [1, 0]
+    scorer.score(["81", "hang"], [NUM] * 2)  # a hang counts its timeout: 0.25 s an item
+    assert scorer.item_s == pytest.approx(0.25, rel=0.1)
+    scorer.score(["81", "exit"], [NUM] * 2)  # split again: the second item's worker is worker 1
+    assert [r.restarts for r in scorer.runners] == [2, 1]
+  finally:
+    scorer.close()
+
+
 def test_task_config_wires_timeouts_and_workers_into_the_scorer():
   from cispo_jax.task import Scorer, TaskConfig
 

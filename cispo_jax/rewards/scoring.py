@@ -24,8 +24,9 @@ magnitude than RewardConfig.max_abs_reward (see MAX_ABS_REWARD).
 
 workers (RewardConfig.workers, "process" only): the items of a batch are split into contiguous shards,
 one per ProcessRunner, each with the guarantees above (a hang kills and restarts only its worker). Only
-when the rewards are slow enough for it to pay: a scorer whose previous batch cost less than SPLIT_MIN_ITEM_S
-of worker time per item keeps the next one on its first worker. Fast rewards (final_numeric: ~10 us an
+when the rewards are slow enough for it to pay: a scorer whose previous batch's rewards took less than
+SPLIT_MIN_ITEM_S per item (their own time, measured in the worker: not the messages, and not inflated by
+workers sharing cores) keeps the next one on its first worker. Fast rewards (final_numeric: ~10 us an
 item, nearly all of it the pickled batch and one result message per (item, reward), which the trainer's
 process receives whatever the number of workers) are no faster split, and a little slower on a busy host;
 slow ones (sympy in math-verify, ms to s an item) are W times faster (benchmarks/bench_rewards.py).
@@ -60,7 +61,7 @@ STARTUP_TIMEOUT_S = 120.0  # interpreter start plus importing the reward modules
 _MIN_BOOT_S = 10.0  # a restart late in a batch still gets this long to boot
 _RECYCLE = object()
 MAX_AUTO_WORKERS = 8  # workers=0: one per core, at most this many
-SPLIT_MIN_ITEM_S = 50e-6  # worker seconds per item below which a batch stays on one worker (bench_rewards.py)
+SPLIT_MIN_ITEM_S = 50e-6  # rewards' seconds per item below which a batch stays on one worker (bench_rewards.py)
 _LOGGED_INDICES = 20  # failed item indices listed per reward and kind in each warning
 _log = logging.getLogger(__name__)
 
@@ -145,14 +146,14 @@ def reward_value_error(value: float, max_abs: float) -> str | None:
 
 def _evaluate(runner, jobs, names, completions, examples, timeout_s, batch_timeout_s,
               max_abs_reward=MAX_ABS_REWARD, started=None, cancel=None):
-  """values_NxR plus per-pair failures {flat: (kind, message)}; drives the runner to the end.
+  """(values_NxR, per-pair failures {flat: (kind, message)}, seconds the rewards took: the worker's time for
+  each evaluation, timeout_s for each that hung); drives the runner to the end.
   started: the time.monotonic() the batch began (its shards share one batch deadline); None = now.
   cancel: a threading.Event that ends the loop early (the caller was interrupted; values are moot)."""
-  n_items, n_rewards = len(completions), len(names)
-  total = n_items * n_rewards
-  values = np.zeros((n_items, n_rewards), np.float32)
+  total = len(completions) * len(names)
+  values = np.zeros((len(completions), len(names)), np.float32)
   failures: dict[int, tuple[str, str]] = {}
-  started = time.monotonic() if started is None else started
+  spent, started = 0.0, time.monotonic() if started is None else started
   deadline = None if batch_timeout_s is None else started + batch_timeout_s
 
   def fail_rest(start: int, kind: str, message: str) -> None:
@@ -177,10 +178,10 @@ def _evaluate(runner, jobs, names, completions, examples, timeout_s, batch_timeo
       if result is TIMEOUT or result is DIED:
         outcome = result
         break
-      index, value, error = result
+      index, value, error, seconds = result
+      spent, flat = spent + seconds, index + 1
       if error is None:
         error = reward_value_error(value, max_abs_reward)
-      flat = index + 1
       if error is None:
         values.flat[index] = value
         continue
@@ -199,13 +200,13 @@ def _evaluate(runner, jobs, names, completions, examples, timeout_s, batch_timeo
     if outcome is DIED:
       failures[flat] = ("error", runner.exit_note())
     else:
-      failures[flat] = ("timeout", f"no result within {timeout_s:g}s")
+      failures[flat], spent = ("timeout", f"no result within {timeout_s:g}s"), spent + timeout_s
     if deadline is not None and time.monotonic() >= deadline:
       fail_rest(flat + 1, "timeout", f"score() ran past batch_timeout_s={batch_timeout_s:g}s")
       flat = total
     flat += 1
     runner.restart()
-  return values, failures
+  return values, failures, spent
 
 
 def _quote(text: str, width: int = 60) -> str:
@@ -254,7 +255,7 @@ class RewardScorer:
       self.runners = [ThreadRunner(inline=config.isolation == "none")]
       self.jobs = [get_reward(name) for name in self.names]
     self.runner = self.runners[0]  # the one an unsplit batch runs on
-    self.item_s: float | None = None  # worker seconds per item of the last batch (None: none yet, so split)
+    self.item_s: float | None = None  # the rewards' seconds per item in the last batch (None: none yet, so split)
 
   def start(self) -> None:
     """Boots the workers in the background (no-op for thread/none)."""
@@ -272,16 +273,15 @@ class RewardScorer:
       restarts_before = sum(r.restarts for r in self.runners)
       split = self.item_s is None or self.item_s >= SPLIT_MIN_ITEM_S
       parts = shards(len(completions), len(self.runners) if split else 1)
-      t0 = time.perf_counter()
       try:
-        values_NxR, failures = self._evaluate_sharded(completions, examples, parts)
+        values_NxR, failures, spent = self._evaluate_sharded(completions, examples, parts)
       except BaseException:
         for runner in self.runners:  # e.g. Ctrl-C mid-batch: results still in a pipe must not leak into the next call
           runner.restart()
         raise
       restarts = sum(r.restarts for r in self.runners) - restarts_before
       if completions:
-        self.item_s = (time.perf_counter() - t0) * len(parts) / len(completions)
+        self.item_s = spent / len(completions)
     rewards_N = (values_NxR @ self.weights).astype(np.float32)
     return rewards_N, _report(self.names, values_NxR, self.weights, failures, len(completions), restarts,
                               completions)
@@ -290,7 +290,8 @@ class RewardScorer:
 
   def _evaluate_sharded(self, completions, examples, parts):
     """_evaluate over the item ranges `parts`, one worker each, under one batch deadline: the first on this
-    thread, the others on helper threads (each waits on its worker's pipe, not on the GIL)."""
+    thread, the others on helper threads (each waits on its worker's pipe, not on the GIL). Returns what
+    _evaluate does, for the whole batch."""
     cfg, started, n_rewards = self.config, time.monotonic(), len(self.names)
     results: list[Any] = [None] * len(parts)
     cancel = threading.Event()
@@ -318,13 +319,14 @@ class RewardScorer:
       for thread in helpers:
         thread.join()
       raise
-    values, failures = [], {}
+    values, failures, spent = [], {}, 0.0
     for (a, _), result in zip(parts, results):
       if isinstance(result, BaseException):
         raise result
       values.append(result[0])
       failures.update({flat + a * n_rewards: failure for flat, failure in result[1].items()})
-    return np.concatenate(values) if len(values) > 1 else values[0], failures
+      spent += result[2]
+    return np.concatenate(values) if len(values) > 1 else values[0], failures, spent
 
   def close(self) -> None:
     for runner in self.runners:

@@ -6,7 +6,8 @@ trainer's __main__. It talks over two pipes with pickled tuples:
 
   parent -> worker: ("job", refs, completions, examples, start)
   worker -> parent: ("resolved",) once the reward functions are imported, then one
-                    (flat_index, value, error) per (item, reward) pair, in order.
+                    (flat_index, value, error, seconds) per (item, reward) pair, in order
+                    (seconds: that evaluation's wall time here, without the messages).
 
 One message per pair lets the parent tell exactly which evaluation hung when a
 result stops coming: that pair is the timeout, the rest of the job is resubmitted
@@ -53,18 +54,19 @@ def as_number(raw: Any) -> float:
 
 
 def run_items(fns: Sequence[Callable], completions: Sequence[str], examples: Sequence[Example],
-              start: int, emit: Callable[[int, float, str | None], None]) -> None:
+              start: int, emit: Callable[[int, float, str | None, float], None]) -> None:
   """Evaluates pair flat = i * len(fns) + j as fns[j](completions[i], examples[i]), for
-  every flat >= start, calling emit(flat, value, error); an exception is error text."""
+  every flat >= start, calling emit(flat, value, error, seconds); an exception is error text."""
   for flat in range(start, len(completions) * len(fns)):
     i, j = divmod(flat, len(fns))
+    t0 = time.perf_counter()
     try:
       value, error = as_number(fns[j](completions[i], examples[i])), None
     except MemoryError as e:
       value, error = 0.0, f"{OUT_OF_MEMORY}: MemoryError" + (f": {e}" if str(e) else "")
     except Exception as e:  # a reward bug must cost one item, not the run
       value, error = 0.0, f"{type(e).__name__}: {e}"
-    emit(flat, value, error)
+    emit(flat, value, error, time.perf_counter() - t0)
 
 
 def _resolve(ref: str, cache: dict[str, Callable]) -> Callable:
