@@ -184,8 +184,17 @@ def test_rollout_record_round_trips_through_json():
 
 
 def test_disaggregated_4_plus_4_run_learns_the_default_task(tmp_path):
-  """The default experiment's config (bootstrap model, CISPO, 8 completions a prompt; 32 prompts an iteration, not 64) with 4 devices sampling and
-  4 training (FSDP), rollouts 2 versions stale: held-out pass@1 rises within 10 iterations."""
+  """The default experiment's config (bootstrap model, CISPO, 8 completions a prompt; 32 prompts an iteration, not
+  64) with 4 devices sampling and 4 training (FSDP), rollouts 2 versions stale: held-out pass@1 rises within 10
+  iterations.
+
+  The bar, in problems of the 256 held out: another machine's f32 rounding sends the run down another trajectory, as
+  another seed does, so the spread over seeds stands for the spread over machines. Over RLConfig.seed 0-4 on one CPU
+  this run gained +21, +30, +7, +19, +29 (the synchronous loop at the same seeds: +24, +32, +20, +17, +34); the
+  10-iteration training reward is too noisy to judge (its late-minus-early mean spans -0.02 to +0.05). A policy that
+  did not train scores eval_start exactly (greedy decoding of the same params), and a rounding flip of a greedy tie
+  moves 1-2 problems. The bar, 3 problems, sits above that and 4 problems below the lowest seed; the former bar (6)
+  cleared seed 2 by one problem."""
   from cispo_jax import cli
   from cispo_jax.bootstrap import bootstrap_model
 
@@ -200,7 +209,4 @@ def test_disaggregated_4_plus_4_run_learns_the_default_task(tmp_path):
   summary = _run(trainer)
   rows = read_metrics(str(tmp_path / "run"))
   assert [r["pipeline/staleness"] for r in rows if "pipeline/staleness" in r] == [0, 1] + [2] * 8
-  # +0.055 here (0.152 -> 0.207); at 128 problems +0.070 here and +0.047 on another CPU (f32 rounding differs and
-  # the dynamics amplify it). The bar: 6 more of the 256 held-out problems solved, above the 1-2 a rounding flip
-  # of a greedy tie moves (a policy that did not train scores eval_start again).
-  assert summary["eval_end"] >= summary["eval_start"] + 6 / 256, summary
+  assert summary["eval_end"] >= summary["eval_start"] + 3 / 256, summary  # see the docstring for the bar

@@ -47,9 +47,28 @@ def test_every_loss_trains_end_to_end(model_dir, tmp_path, loss_type):
   loss = losses.LossConfig(loss_type=loss_type, kl_coef=0.01 if loss_type == "cispo" else 0.0, **extra)
   trainer = _trainer(_rl(model_dir, tmp_path), loss, task=TASK_WITH_SIGNAL)
   before = _host(trainer.state.params)
+  updates, apply_update = [], trainer._apply_update  # each update's batch, and the params before and after it
+
+  def record(batch, *args):
+    params = _host(trainer.state.params)
+    apply_update(batch, *args)
+    updates.append((batch, params, _host(trainer.state.params)))
+
+  trainer._apply_update = record
   summary = trainer.run()
   trainer.close()
   after = _host(trainer.state.params)
+  assert len(updates) == 2, f"{loss_type}: {len(updates)} updates in 2 iterations"
+  for batch, params_before, params_after in updates:  # the batch the update got moved toward its advantages
+    with jax.set_mesh(trainer.mesh):
+      delta = np.asarray(trainer.fns.logps(params_after, batch.tokens_BxL, batch.kv_valid_BxL,
+                                           n_completion=batch.mask_BxN.shape[1])
+                         - trainer.fns.logps(params_before, batch.tokens_BxL, batch.kv_valid_BxL,
+                                             n_completion=batch.mask_BxN.shape[1]))
+    weight = np.asarray(batch.mask_BxN) * np.asarray(batch.adv_BxN)
+    aligned, scale = (weight * delta).sum(), (np.abs(weight) * np.abs(delta)).sum()
+    # as in test_every_loss_raises_the_logps_of_positive_advantages: most of the change is along A (> 0.75 here)
+    assert aligned > 0.5 * scale > 0, (loss_type, aligned, scale)
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
   assert any(changed), f"{loss_type}: no parameter changed"
   rows = read_metrics(str(tmp_path))
@@ -78,12 +97,20 @@ STALE_B = np.array([0, 1, 0, 0, 1, 0, 0, 0], bool)  # two A < 0 rows sampled by 
 
 
 @pytest.fixture(scope="module")
-def direction_setup():
-  """A tiny random policy, fixed tokens and its log-probs; old log-probs on-policy but for the STALE_B rows."""
+def direction_updates():
+  """{(loss_type, dual_clip): [(advantages [B], metrics, log-prob change [B, T]) for the advantages ADV_B and
+  -ADV_B]}: two SGD epochs of update_on_rollout (2 micro-batches, the second epoch off-policy) on a tiny random
+  policy's fixed tokens, old log-probs on-policy but for the STALE_B rows, KL to a reference that differs.
+
+  Every case runs in one jitted program (one compile for all: a third of the time of one program each)."""
+  import functools
+
   import jax.numpy as jnp
+  import optax
 
   from cispo_jax.model.logprobs import completion_logps
   from cispo_jax.model.tiny import random_params, tiny_config
+  from cispo_jax.rl.train_step import RolloutBatch, StepConfig, TrainState, update_on_rollout
 
   cfg = tiny_config(vocab_size=DV, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
   params = jax.tree.map(jnp.asarray, random_params(cfg, 0))
@@ -94,48 +121,42 @@ def direction_setup():
   before = logps(params)
   old = before - 1.5 * jnp.asarray(STALE_B[:, None], jnp.float32)
   ref = before + jnp.asarray(rng.uniform(-0.3, 0.3, before.shape), jnp.float32)  # KL's gradient is not 0
-  return dict(cfg=cfg, params=params, tokens=tokens, kv_valid=kv_valid, logps=logps, before=np.asarray(before),
-              old=old, ref=ref)
+  tx = optax.sgd(0.3)
+  updates = []
+  for loss_type, dual_clip in DIRECTION_CASES:
+    loss = losses.LossConfig(loss_type=loss_type, kl_coef=0.05, dual_clip=dual_clip,
+                             max_completion_length=DT if loss_type == "dr_grpo" else None).resolved()
+    step_cfg = StepConfig(model=cfg, loss=loss, temperature=1.0, micro_batches=2, num_generations=DN, use_ref=True)
+    updates.append(functools.partial(update_on_rollout, cfg=step_cfg, tx=tx, schedule=lambda _: jnp.float32(0.3),
+                                     num_iterations=2, num_minibatches=1))
+  run_all = jax.jit(lambda state, batch: [update(state, batch) for update in updates])
+  state = TrainState.create(params, tx, seed=0)
+  results = {case: [] for case in DIRECTION_CASES}
+  for adv_B in (ADV_B, -ADV_B):  # the same program: the advantages are data
+    batch = RolloutBatch(tokens, kv_valid, jnp.ones((DG * DN, DT), jnp.float32), old, ref,
+                         jnp.asarray(np.repeat(adv_B[:, None], DT, 1)), jnp.repeat(jnp.arange(DG, dtype=jnp.int32), DN))
+    for case, (new, metrics) in zip(DIRECTION_CASES, run_all(state, batch)):
+      results[case].append((adv_B, _host(metrics), np.asarray(logps(new.params) - before)))
+  return results
 
 
 @pytest.mark.parametrize("loss_type,dual_clip", DIRECTION_CASES)
-def test_every_loss_raises_the_logps_of_positive_advantages(direction_setup, loss_type, dual_clip):
-  """Two SGD epochs of update_on_rollout (2 micro-batches, KL on; the second epoch off-policy, clipped where the
-  loss clips): the log-probs of the A > 0 completions rise and those of A < 0 fall, on average, and that move is
-  most of the change (the advantage-weighted change is over half the mean |change|; a policy whose tokens all moved
-  alike scores 0, one that learned backwards -1). The same batch with the advantages negated must move the other
-  way: a loss that flipped the sign fails both, one blind to the sign fails one."""
-  import functools
-
-  import jax.numpy as jnp
-  import optax
-
-  from cispo_jax.rl.train_step import RolloutBatch, StepConfig, TrainState, update_on_rollout
-
-  s = direction_setup
-  loss = losses.LossConfig(loss_type=loss_type, kl_coef=0.05, dual_clip=dual_clip,
-                           max_completion_length=DT if loss_type == "dr_grpo" else None).resolved()
-  step_cfg = StepConfig(model=s["cfg"], loss=loss, temperature=1.0, micro_batches=2, num_generations=DN, use_ref=True)
-  tx = optax.sgd(0.3)
-  update = jax.jit(functools.partial(update_on_rollout, cfg=step_cfg, tx=tx, schedule=lambda _: jnp.float32(0.3),
-                                     num_iterations=2, num_minibatches=1))
-  state = TrainState.create(s["params"], tx, seed=0)
-  for sign in (1.0, -1.0):
-    adv_B = sign * ADV_B
-    batch = RolloutBatch(s["tokens"], s["kv_valid"], jnp.ones((DG * DN, DT), jnp.float32), s["old"], s["ref"],
-                         jnp.asarray(np.repeat(adv_B[:, None], DT, 1)), jnp.repeat(jnp.arange(DG, dtype=jnp.int32), DN))
-    new, metrics = update(state, batch)
-    assert np.asarray(metrics["skipped_nonfinite"]).sum() == 0
+def test_every_loss_raises_the_logps_of_positive_advantages(direction_updates, loss_type, dual_clip):
+  """After the update the log-probs of the A > 0 completions have risen and those of A < 0 fallen, on average,
+  and that move is most of the change: the advantage-weighted change is over half the mean |change| (a policy
+  whose tokens all moved alike scores 0, one that learned backwards -1; every case here scores > 0.88). The same
+  batch with the advantages negated must move the other way: a loss with a flipped sign fails both, one blind to
+  the sign fails one."""
+  for adv_B, metrics, delta in direction_updates[(loss_type, dual_clip)]:
+    assert metrics["skipped_nonfinite"].sum() == 0
     for key, value in metrics.items():
-      assert np.isfinite(np.asarray(value)).all(), f"{loss_type}: metric {key}={value}"
-    if dual_clip is not None and sign > 0:  # the stale A < 0 rows (ratio e^1.5 > 3) are bounded by the dual clip
-      assert float(np.asarray(metrics["clip_frac_dual"])[0]) > 0
-    delta = np.asarray(s["logps"](new.params)) - s["before"]  # [B, T]
+      assert np.isfinite(value).all(), f"{loss_type}: metric {key}={value}"
+    if dual_clip is not None and adv_B[1] < 0:  # the stale A < 0 rows (ratio e^1.5 > 3) meet the dual clip
+      assert metrics["clip_frac_dual"][0] > 0
     up, down = delta[adv_B > 0].mean(), delta[adv_B < 0].mean()
     aligned = (adv_B[:, None] * delta).mean()  # |A| = 1: the advantage-weighted change per token
     scale = np.abs(delta).mean()
-    print("DIR", loss_type, dual_clip, sign, up, down, aligned / scale, scale, np.asarray(metrics.get("clip_frac_dual", [0]))[0])
-    assert up > 0 > down and aligned > 0.5 * scale > 1e-3, (loss_type, dual_clip, sign, up, down, aligned, scale)
+    assert up > 0 > down and aligned > 0.5 * scale > 1e-3, (loss_type, dual_clip, adv_B, up, down, aligned, scale)
 
 
 def _comparable(rows):
@@ -214,14 +235,49 @@ def test_bootstrap_builds_a_loadable_model_once(tmp_path):
   assert bootstrap_model(task, dataclasses.replace(cfg, sft_steps=4)) != path  # another config, another model
 
 
-def test_truncated_is_correction_and_reference_only_with_kl(model_dir, tmp_path):
+def test_truncated_is_correction_and_reference_only_with_kl(model_dir, tmp_path, monkeypatch):
+  """TIS (UpdateConfig.tis_cap): the sampler's log-probs are shifted by a known offset per token, uniform in [-1, 1]
+  (a sampler whose numerics differ from the trainer's), so pi_old / pi_sampler spans [0.37, 2.7] around the cap
+  1.5. The advantages the update receives are, by hand, adv * min(exp(old - sampler), cap)."""
+  from cispo_jax.trainer import batch as batch_lib
+
   plain = _trainer(_rl(model_dir, tmp_path / "plain", total_steps=1), task=TASK_WITH_SIGNAL)
   assert plain.ref_params is None  # no KL term: no reference model is kept
   plain.close()
-  tis = _trainer(_rl(model_dir, tmp_path / "tis", total_steps=1, tis_cap=2.0),
+  cap = 1.5
+  tis = _trainer(_rl(model_dir, tmp_path / "tis", total_steps=1, tis_cap=cap),
                  losses.LossConfig(kl_coef=0.1), task=TASK_WITH_SIGNAL)
   assert tis.ref_params is not None
+  seen, rollout, advantages, apply_update, plan = {}, tis._rollout, tis._advantages, tis._apply_update, batch_lib.plan
+
+  def shifted_rollout():
+    r, seconds = rollout()
+    seen["sampler"] = sampler = np.asarray(r.out.logps_BxN)
+    seen["shifted"] = sampler + np.random.default_rng(0).uniform(-1, 1, sampler.shape).astype(np.float32)
+    return dataclasses.replace(r, out=r.out._replace(logps_BxN=seen["shifted"])), seconds
+
+  def record_advantages(*args):
+    out = advantages(*args)
+    seen["adv_B"] = np.asarray(out[0])
+    return out
+
+  def record_batch(batch, *args):
+    seen["batch"] = batch
+    return apply_update(batch, *args)
+
+  tis._rollout, tis._advantages, tis._apply_update = shifted_rollout, record_advantages, record_batch
+  monkeypatch.setattr(batch_lib, "plan", lambda *a, **kw: seen.setdefault("plan", plan(*a, **kw)))
   metrics = tis.step()
+  tis.close()
   assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/kl_ref"])
   assert metrics["reward/final_numeric"] >= 0.0 and metrics["reward/user_reward_fns:length_bonus"] > 0.0
-  tis.close()
+  batch, rows, width = seen["batch"], seen["plan"].rows, seen["plan"].width
+  mask = np.asarray(batch.mask_BxN) > 0
+  old = np.asarray(batch.old_logps_BxN)
+  # pi_old is the trainer's forward of the sampling policy: the unshifted sampler log-probs, to f32 rounding
+  np.testing.assert_allclose(old[mask], seen["sampler"][rows, :width][mask], atol=1e-4)
+  ratio = np.exp(old - seen["shifted"][rows, :width])[mask]
+  assert mask.sum() >= 20 and (ratio > cap).mean() > 0.1 and (ratio < cap).mean() > 0.1, ratio  # both sides
+  want = (seen["adv_B"][rows][:, None] * np.ones(mask.shape, np.float32))[mask] * np.minimum(ratio, cap)
+  assert np.abs(want).max() > 0.1  # the rows carry advantages
+  np.testing.assert_allclose(np.asarray(batch.adv_BxN)[mask], want, rtol=1e-5, atol=1e-6)
