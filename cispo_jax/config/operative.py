@@ -41,6 +41,10 @@ ADDED: dict[str, str] = {
     # A batch's rewards do not depend on how many workers score it: the default (by cores) behaves as 1 did.
     "TaskConfig.reward_batch_timeout_s": "120.0", "TaskConfig.reward_workers": "0",
     "TaskConfig.on_reward_error": "'zero'",
+    # LoRA (2026-12): rank 0 is full fine-tuning, as every run before it.
+    "LoraConfig.rank": "0", "LoraConfig.alpha": "32.0",
+    "LoraConfig.targets": "('q', 'k', 'v', 'o', 'gate', 'up', 'down')", "LoraConfig.rslora": "False",
+    "LoraConfig.rollout_merged": "False", "LoraConfig.export": "'peft'",
 }
 # ADDED keys whose old behaviour is not today's default, and why the default changed. A run directory recorded
 # before such a key reads as the old value, so resuming it with the new default is a config change, refused

@@ -63,6 +63,8 @@ class ModelConfig:
   attention_impl: str = "auto"  # cispo_jax.model.attention.IMPLS
   attention_block: int = 512  # query/key block of the blockwise and splash kernels
   logprob_chunk: int = 1024  # completion tokens per LM-head chunk in the trainer's log-probs
+  # LoRA's alpha / rank (model/lora.py), applied where the params hold adapters; 0 without LoRA.
+  lora_scaling: float = 0.0
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from cispo_jax.model import lora
 from cispo_jax.model.attention import attention
 from cispo_jax.model.config import REMAT_POLICIES, ModelConfig
 from cispo_jax.sharding.mesh import constrain
@@ -124,6 +125,7 @@ class Attention(nn.Module):
     def proj(name, n, axis, bias):
       w = _param(self, f"{name}_kernel", (E, n, D), ("embed", axis, "head_dim"), cfg)
       y = _tokens_matmul("me,enD->mnD", x_BxTxE, w, dt)
+      y = lora.adapted(y, x_BxTxE, lora.module_adapter(self, name), 1, cfg)
       if bias:
         b = _param(self, f"{name}_bias", (n, D), (axis, "head_dim"), cfg, nn.initializers.zeros)
         y = y + b.astype(dt)
@@ -155,6 +157,7 @@ class Attention(nn.Module):
                             block_k=cfg.attention_block).astype(dt)
     wo = _param(self, "o_kernel", (H, D, E), ("heads", "head_dim", "embed"), cfg)
     y = _tokens_matmul("mhd,hde->me", out_BxTxHxD, wo, dt)
+    y = lora.adapted(y, out_BxTxHxD, lora.module_adapter(self, "o"), 2, cfg)
     if cfg.o_bias:
       y = y + _param(self, "o_bias", (E,), ("embed",), cfg, nn.initializers.zeros).astype(dt)
     return y, new_kv
@@ -170,8 +173,9 @@ class MLP(nn.Module):
     gate = _param(self, "gate_kernel", (E, F), ("embed", "mlp"), cfg)
     up = _param(self, "up_kernel", (E, F), ("embed", "mlp"), cfg)
     down = _param(self, "down_kernel", (F, E), ("mlp", "embed"), cfg)
-    return jax.checkpoint(functools.partial(_swiglu, dt=dt), policy=_SWIGLU_SAVES, prevent_cse=False)(
-        x_BxTxE, gate, up, down)
+    adapters = {n: lora.module_adapter(self, n) for n in ("gate", "up", "down")}
+    return jax.checkpoint(functools.partial(_swiglu, dt=dt, cfg=cfg), policy=_SWIGLU_SAVES, prevent_cse=False)(
+        x_BxTxE, gate, up, down, adapters)
 
 
 # What the SwiGLU keeps for the backward pass: its two [tokens, F] matmul outputs and nothing else.
@@ -184,11 +188,14 @@ class MLP(nn.Module):
 _SWIGLU_SAVES = jax.checkpoint_policies.save_only_these_names("mlp_gate", "mlp_up")
 
 
-def _swiglu(x_BxTxE, gate_ExF, up_ExF, down_FxE, dt):
-  g = checkpoint_name(_tokens_matmul("me,ef->mf", x_BxTxE, gate_ExF, dt), "mlp_gate")
-  u = checkpoint_name(_tokens_matmul("me,ef->mf", x_BxTxE, up_ExF, dt), "mlp_up")
+def _swiglu(x_BxTxE, gate_ExF, up_ExF, down_FxE, adapters=None, *, dt, cfg=None):
+  """adapters: {"gate" | "up" | "down": (A, B) or None} (LoRA), or None."""
+  adapters = adapters or {}
+  g = lora.adapted(_tokens_matmul("me,ef->mf", x_BxTxE, gate_ExF, dt), x_BxTxE, adapters.get("gate"), 1, cfg)
+  u = lora.adapted(_tokens_matmul("me,ef->mf", x_BxTxE, up_ExF, dt), x_BxTxE, adapters.get("up"), 1, cfg)
+  g, u = checkpoint_name(g, "mlp_gate"), checkpoint_name(u, "mlp_up")
   h = _constrain(jax.nn.silu(g) * u, "batch", None, "mlp")
-  return _tokens_matmul("mf,fe->me", h, down_FxE, dt)
+  return lora.adapted(_tokens_matmul("mf,fe->me", h, down_FxE, dt), h, adapters.get("down"), 1, cfg)
 
 
 class Block(nn.Module):
@@ -244,14 +251,18 @@ class Transformer(nn.Module):
                hidden_only=False):
     cfg = self.cfg
     embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
-    x = _constrain(jnp.take(embed, tokens_BxT, axis=0).astype(cfg.jnp_dtype), "batch", None, None)
+    head_params = {"embed": embed}
+    for name in ("embed", "lm_head"):
+      adapter = lora.module_adapter(self, name)
+      if adapter is not None:
+        head_params.update({lora.adapter_key(name, "a"): adapter[0], lora.adapter_key(name, "b"): adapter[1]})
+    x = _constrain(embed_tokens(head_params, cfg, tokens_BxT), "batch", None, None)
     kv = None if cache is None else (cache["k"], cache["v"])
     (x, kv, _), _ = _layer_stack(cfg)(cfg, name="layers")(
         (x, kv, jnp.int32(0)), positions_BxT, kv_valid_BxS, cache_index)
     if last_n is not None:  # only these positions need logits: no [B, T, V] for a long prompt
       x = x[:, -last_n:]
     x = RMSNorm(cfg, cfg.hidden_size, name="final_norm")(x)
-    head_params = {"embed": embed}
     if not cfg.tie_word_embeddings:
       head_params["lm_head"] = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
     new_cache = None if cache is None else {"k": kv[0], "v": kv[1]}
@@ -260,10 +271,24 @@ class Transformer(nn.Module):
     return lm_logits(head_params, cfg, x), new_cache
 
 
+def embed_tokens(params: Params, cfg: ModelConfig, tokens_BxT):
+  """The token embeddings [B, T, E] in the compute dtype (plus the embedding's LoRA rows, if adapted)."""
+  x = jnp.take(params["embed"], tokens_BxT, axis=0).astype(cfg.jnp_dtype)
+  if "embed_lora_a" in params:
+    x = x + lora.embed_delta(tokens_BxT, params["embed_lora_a"], params["embed_lora_b"], cfg.lora_scaling,
+                             cfg.jnp_dtype)
+  return x
+
+
 def lm_head(params: Params, cfg: ModelConfig):
-  """The LM head [E, V] (the transposed embedding when tied), in the head's compute dtype."""
+  """The LM head [E, V] (the transposed embedding when tied), in the head's compute dtype; with a LoRA
+  adapter on it, merged (W + scaling * A @ B, one [E, V] array per forward, like the head itself)."""
   head_ExV = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-  return head_ExV.astype(jnp.float32 if cfg.lm_head_f32 else cfg.jnp_dtype)
+  dt = jnp.float32 if cfg.lm_head_f32 else cfg.jnp_dtype
+  if "lm_head_lora_a" in params:
+    ab = lora.product(params["lm_head_lora_a"], params["lm_head_lora_b"], 0)
+    return (head_ExV.astype(jnp.float32) + cfg.lora_scaling * ab).astype(dt)
+  return head_ExV.astype(dt)
 
 
 def lm_logits(params: Params, cfg: ModelConfig, h_BxTxE):

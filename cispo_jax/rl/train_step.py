@@ -35,7 +35,7 @@ import optax
 from cispo_jax.rl import diagnostics
 from cispo_jax.rl import losses
 from cispo_jax.rl import reductions
-from cispo_jax.model import ModelConfig
+from cispo_jax.model import ModelConfig, lora
 from cispo_jax.model.logprobs import completion_logps
 
 
@@ -72,14 +72,16 @@ class StepConfig(NamedTuple):
   use_ref: bool
 
 
-def _loss_fn(params, mb: RolloutBatch, cfg: StepConfig, old_from_current=None):
+def _loss_fn(params, mb: RolloutBatch, cfg: StepConfig, old_from_current=None, frozen=None):
   """(loss_sum, (LossOutput, logps_BxN)).
 
   old_from_current: None, or a traced bool; when true the old log-probs are this forward's own
   (stop_gradient: the ratio is exactly 1 and no gradient flows through them) and
-  mb.old_logps_BxN is ignored.
+  mb.old_logps_BxN is ignored. frozen: None, or (LoRA) the frozen base the trained `params` (its
+  adapters) are added to (model/lora.py); no gradient is taken with respect to it.
   """
-  logps_BxN, entropy_BxN = completion_logps(params, cfg.model, mb.tokens_BxL, mb.kv_valid_BxL,
+  policy = lora.combine(frozen, params) if frozen is not None else params
+  logps_BxN, entropy_BxN = completion_logps(policy, cfg.model, mb.tokens_BxL, mb.kv_valid_BxL,
                                             mb.mask_BxN.shape[1], cfg.temperature)
   old_BxN = mb.old_logps_BxN
   if old_from_current is not None:
@@ -108,18 +110,20 @@ def split_micro(batch, micro: int, group: int):
   return jax.tree.map(f, batch)
 
 
-def train_step(state: TrainState, mb: RolloutBatch, *, cfg: StepConfig, tx, schedule):
+def train_step(state: TrainState, mb: RolloutBatch, frozen=None, *, cfg: StepConfig, tx, schedule):
   """One optimizer step on one minibatch (accumulating over cfg.micro_batches); each metric is reduced
   over the micro-batches as reductions.REDUCTIONS declares (ratio_max the max over all tokens, ...).
 
   Skipped, with the state returned unchanged, when the loss or the gradient is not finite (see
-  the module docstring); metrics["skipped_nonfinite"] (int32) is 1 then, else 0.
+  the module docstring); metrics["skipped_nonfinite"] (int32) is 1 then, else 0. frozen: the LoRA base
+  (state.params then holds the adapters alone), or None.
   """
-  state, metrics, _ = _train_step(state, mb, None, cfg=cfg, tx=tx, schedule=schedule)
+  state, metrics, _ = _train_step(state, mb, None, frozen, cfg=cfg, tx=tx, schedule=schedule)
   return state, metrics
 
 
-def _train_step(state: TrainState, mb: RolloutBatch, old_from_current, *, cfg: StepConfig, tx, schedule):
+def _train_step(state: TrainState, mb: RolloutBatch, old_from_current, frozen=None, *, cfg: StepConfig, tx,
+                schedule):
   """train_step; with old_from_current (a traced bool, see _loss_fn) also the forward's log-probs,
   [micro_batches, B / micro_batches, N] in split_micro's row order (else None)."""
   micro = split_micro(mb, cfg.micro_batches, cfg.num_generations)
@@ -128,7 +132,7 @@ def _train_step(state: TrainState, mb: RolloutBatch, old_from_current, *, cfg: S
   def body(carry, micro_batch):
     grads_acc, denom_acc = carry
     (loss_sum, (out, logps)), grads = jax.value_and_grad(_loss_fn, has_aux=True)(
-        state.params, micro_batch, cfg, old_from_current)
+        state.params, micro_batch, cfg, old_from_current, frozen)
     grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
     return (grads_acc, denom_acc + out.denominator), (loss_sum, out.metrics, logps if want_logps else None)
 
@@ -170,8 +174,8 @@ def epoch_permutations(rng_data, n_groups: int, num_iterations: int):
   return jax.random.key_data(rng), perms
 
 
-def update_on_rollout(state: TrainState, batch: RolloutBatch, order_IxMxG=None, *, cfg: StepConfig, tx,
-                      schedule, num_iterations: int, num_minibatches: int, old_from_first_step: bool = False,
+def update_on_rollout(state: TrainState, batch: RolloutBatch, order_IxMxG=None, frozen=None, *, cfg: StepConfig,
+                      tx, schedule, num_iterations: int, num_minibatches: int, old_from_first_step: bool = False,
                       packed: bool = False):
   """num_iterations passes over the rollout, each in num_minibatches shuffled (by group) minibatches.
 
@@ -189,6 +193,7 @@ def update_on_rollout(state: TrainState, batch: RolloutBatch, order_IxMxG=None, 
   don't average it, to count them). packed: instead, the metrics reduced over the steps as well
   (reductions.py) with the per-step skipped_nonfinite, in one reductions.PackedMetrics vector (one
   transfer to the host). With old_from_first_step also the old log-probs [B, N] (the rows of `batch`).
+  frozen: the LoRA base (train_step), or None.
   """
   B, N = batch.mask_BxN.shape
   n = cfg.num_generations
@@ -213,7 +218,7 @@ def update_on_rollout(state: TrainState, batch: RolloutBatch, order_IxMxG=None, 
     first = (i == 0) if old_from_first_step else None
 
     def one(state, mb):
-      state, metrics, logps = step(state, mb, first)
+      state, metrics, logps = step(state, mb, first, frozen)
       return state, (metrics, logps)
 
     state, (metrics, logps) = jax.lax.scan(one, state, minibatches)

@@ -33,7 +33,7 @@ import numpy as np
 
 from cispo_jax import sharding
 from cispo_jax.rollout import sampling
-from cispo_jax.model import ModelConfig
+from cispo_jax.model import ModelConfig, lora
 from cispo_jax.model.logprobs import completion_logps
 
 
@@ -83,35 +83,62 @@ class NativeEngine:
   trainer's layout already is the decode layout (one device, a data-parallel mesh) and
   `copy_weights=False` (colocated, lock-step: max_staleness 0), it samples with the trainer's own buffers.
   Weights are kept per version until release_below drops them.
+
+  LoRA (params holding adapters, model/lora.py): the base is frozen and never donated, so it is put into the
+  decode layout once and kept; each version copies only the adapters (megabytes, where a full-model sync moves
+  the whole model), and samples with base + adapters unmerged, or with `rollout_merged` with
+  W + scaling * A @ B merged once per version (a full copy of the weights per version held).
   """
 
   def __init__(self, model_cfg: ModelConfig, tokenizer, mesh, param_shardings, *, apply_chat_template: bool,
-               copy_weights: bool, paged=None):
-    """paged: a paged.PagedConfig to sample with the paged engine (continuous batching), else None."""
+               copy_weights: bool, paged=None, rollout_merged: bool = False):
+    """paged: a paged.PagedConfig to sample with the paged engine (continuous batching), else None.
+    param_shardings: the decode layout of the policy's tree (with LoRA: base and adapters)."""
     self.model_cfg, self.tokenizer, self.mesh, self.paged = model_cfg, tokenizer, mesh, paged
     self.param_shardings, self.apply_chat_template = param_shardings, apply_chat_template
     self.batch_sharding = sharding.batch_sharding(mesh, 1)
     self.copy_weights = copy_weights
     self._weights: dict[int, Any] = {}
     self._lock = threading.Lock()  # load_weights (trainer thread) vs generate (a producer thread)
-    self._copy = jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p), out_shardings=param_shardings)
+    copy = lambda p: jax.tree.map(lambda x: x.copy(), p)  # noqa: E731
+    self._copy = jax.jit(copy, out_shardings=param_shardings)
+    self.rollout_merged = rollout_merged
+    base_layout, adapter_layout = lora.split(param_shardings)
+    if adapter_layout is not None:  # LoRA: each part placed by its own program
+      self._lora = {"base": (base_layout, jax.jit(copy, out_shardings=base_layout)),
+                    "adapters": (adapter_layout, jax.jit(copy, out_shardings=adapter_layout)),
+                    "merge": jax.jit(functools.partial(lora.merged, scaling=model_cfg.lora_scaling),
+                                     out_shardings=base_layout)}
+    self._base_source, self._base = None, None  # LoRA: the trainer's base and this engine's layout of it
+    self.sync_bytes = 0  # bytes the last load_weights copied or transferred (benchmarks read it)
 
   def load_weights(self, params, version: int) -> None:
-    params = self.to_layout(params, copy=self.copy_weights)
+    sent = {id(x) for x in jax.tree.leaves(params)}
+    params = self._in_engine(params, copy=self.copy_weights)
+    self.sync_bytes = int(sum(x.nbytes for x in jax.tree.leaves(params) if id(x) not in sent))
     with self._lock:
       self._weights[version] = params
 
+  def _in_engine(self, params, *, copy: bool):
+    """`params` as this engine samples with them. LoRA: the base placed once (again only if the trainer's base
+    changed), the adapters placed (copied under `copy`) every time; merged under rollout_merged."""
+    base, adapters = lora.split(params)
+    if adapters is None:
+      return self.to_layout(params, copy=copy)
+    if self._base_source is None or not all(a is b for a, b in zip(jax.tree.leaves(self._base_source),
+                                                                   jax.tree.leaves(base))):
+      self._base_source, self._base = base, _place(base, *self._lora["base"], self.mesh, copy=False)
+    policy = lora.combine(self._base, _place(adapters, *self._lora["adapters"], self.mesh, copy=copy))
+    if self.rollout_merged:
+      return jax.block_until_ready(self._lora["merge"](policy))
+    return policy
+
   def in_layout(self, params) -> bool:
-    return all(isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim)
-               for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(self.param_shardings)))
+    return _in_layout(params, self.param_shardings)
 
   def to_layout(self, params, *, copy: bool):
     """`params` in this engine's decode layout: themselves if they are in it already (unless copy)."""
-    if self.in_layout(params) and not copy:
-      return params
-    leaf = jax.tree.leaves(params)[0]
-    same = set(leaf.sharding.device_set) == set(self.mesh.devices.flat)
-    return jax.block_until_ready(self._copy(params) if same else jax.device_put(params, self.param_shardings))
+    return _place(params, self.param_shardings, self._copy, self.mesh, copy=copy)
 
   def weights(self, version: int):
     with self._lock:
@@ -136,7 +163,7 @@ class NativeEngine:
     """Sample on this engine's mesh with policy `version` (or `params`, which must live on this mesh).
     The outputs are global arrays, sharded over this mesh's batch axes, where the sampler left them;
     host=True gathers them to host numpy arrays of the full global batch on every process."""
-    params = self.weights(version) if params is None else self.to_layout(params, copy=False)
+    params = self.weights(version) if params is None else self._in_engine(params, copy=False)
     tok, mask = sampling.encode_prompts(self.tokenizer, [e.prompt for e in examples], cfg,
                                         apply_chat_template=self.apply_chat_template)
     if self.paged is not None:
@@ -174,6 +201,20 @@ class NativeEngine:
       return batched_completion_logps(self.weights(version), tokens, kv_valid, model_cfg=self.model_cfg,
                                       n_completion=out.tokens_BxN.shape[1], temperature=temperature,
                                       micro_batches=micro_batches)
+
+
+def _in_layout(tree, shardings) -> bool:
+  return all(isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim)
+             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def _place(tree, shardings, copy_fn, mesh, *, copy: bool):
+  """`tree` in `shardings` on `mesh`: itself if it is in that layout already (unless copy), else `copy_fn`
+  (a jitted copy into that layout) on the same devices, or a transfer to this mesh's devices."""
+  if _in_layout(tree, shardings) and not copy:
+    return tree
+  same = set(jax.tree.leaves(tree)[0].sharding.device_set) == set(mesh.devices.flat)
+  return jax.block_until_ready(copy_fn(tree) if same else jax.device_put(tree, shardings))
 
 
 @jax.jit

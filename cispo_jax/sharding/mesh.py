@@ -39,6 +39,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("layers", None),
     ("length", None),
+    ("lora_rank", None),  # LoRA's rank axis: tiny, replicated (model/lora.py says why)
 )
 
 # The decode layout: weights split only by tensor parallelism (heads, MLP width, vocab) and replicated

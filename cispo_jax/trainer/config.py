@@ -6,6 +6,7 @@ part of the loop, each defined by the stage that reads it:
   EvalConfig        evals/config.py     the held-out evaluation during training
   CheckpointConfig  runtime/checkpoint.py   saving the run state and exporting the final model
   ModelRunConfig    model/config.py     how the model runs (overrides of the checkpoint's config)
+  LoraConfig        model/lora.py       low-rank adapters on a frozen base instead of full fine-tuning
 
 Each is a frozen dataclass that checks its own fields, registered with gin under its class name
 (cispo_jax/cli.py): a gin file binds `RolloutConfig.temperature = 0.7`. RLConfig checks what spans sections.
@@ -20,6 +21,7 @@ import dataclasses
 from cispo_jax.config.fields import at_least
 from cispo_jax.evals.config import EvalConfig
 from cispo_jax.model.config import ModelRunConfig
+from cispo_jax.model.lora import LoraConfig
 from cispo_jax.rl.config import UpdateConfig
 from cispo_jax.rollout.config import RolloutConfig
 from cispo_jax.runtime.checkpoint import CheckpointConfig
@@ -27,13 +29,13 @@ from cispo_jax.runtime.profiler import check_iterations
 
 # RLConfig's field for each section, in the order the operative config writes them.
 SECTIONS: dict[str, type] = {"rollout": RolloutConfig, "update": UpdateConfig, "eval": EvalConfig,
-                             "checkpoint": CheckpointConfig, "model_run": ModelRunConfig}
+                             "checkpoint": CheckpointConfig, "model_run": ModelRunConfig, "lora": LoraConfig}
 
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
   """The RL run: where, on which model, how long, how many prompts per iteration, the seed; each part of the
-  loop in its section (`rl.rollout`, `rl.update`, `rl.eval`, `rl.checkpoint`, `rl.model_run`)."""
+  loop in its section (`rl.rollout`, `rl.update`, `rl.eval`, `rl.checkpoint`, `rl.model_run`, `rl.lora`)."""
   run_dir: str = "runs/default"
   model_dir: str = ""  # local HF directory; "" = bootstrap the small offline model (bootstrap.py)
   total_steps: int = 40  # RL iterations (rollout + updates)
@@ -46,6 +48,7 @@ class RLConfig:
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   model_run: ModelRunConfig = dataclasses.field(default_factory=ModelRunConfig)
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
   def __post_init__(self):
     for name, cls in SECTIONS.items():

@@ -10,6 +10,7 @@ Everything on the device is jitted once per prompt bucket; the host only tokenis
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -20,7 +21,6 @@ import numpy as np
 
 from cispo_jax import sharding
 from cispo_jax.config.operative import bindings, record_operative_config
-from cispo_jax.model import hf_io
 from cispo_jax.rl import advantages as adv_lib
 from cispo_jax.rl import losses
 from cispo_jax.rl.optim import OptimConfig
@@ -33,6 +33,7 @@ from cispo_jax.runtime.compile_cache import CompileClock
 from cispo_jax.runtime.metrics import MetricWriter, plot_curves
 from cispo_jax.runtime.profiler import IterationProfiler
 from cispo_jax.task import HELDOUT, TaskConfig
+from cispo_jax.trainer import adapters
 from cispo_jax.trainer import batch as batch_lib
 from cispo_jax.trainer import parts
 from cispo_jax.trainer.config import RLConfig
@@ -68,9 +69,9 @@ class Trainer:
     train_devices, rollout_devices = parts.split_devices(rl, devices)
     self.mesh = sharding.make_mesh(mesh_cfg, train_devices)
     self.model_cfg, self.tokenizer, self.stops = parts.load_policy(rl)
-    st = parts.build_state(rl, self.loss_cfg, optim, self.mesh, self.model_cfg)
+    self.st = st = parts.build_state(rl, self.loss_cfg, optim, self.mesh, self.model_cfg)
     self.state, self.state_shardings, self.batch_sharding = st.state, st.state_shardings, st.batch_sharding
-    self.ref_params = st.ref_params
+    self.ref_params, self.frozen = st.ref_params, st.frozen
     self.eval_engine, self.engine = parts.build_engines(rl, self.model_cfg, self.tokenizer, self.mesh,
                                                         rollout_devices)
     data = parts.build_data(rl, task, self.tokenizer, self.model_cfg)
@@ -81,7 +82,8 @@ class Trainer:
     self.evaluator = parts.build_evaluator(rl, task, self.eval_engine, self.tokenizer, data.scorer, self.stops)
     self.fns = parts.build_update(rl, self.loss_cfg, self.model_cfg, st, self.mesh, data, self.tokenizer)
 
-    start = parts.resume(self.ckpt, self.state, self.stream)
+    start = parts.resume(self.ckpt, self.state, self.stream, functools.partial(
+        adapters.check_base, rl=rl, fingerprint=st.base_fingerprint, directory=self.ckpt.directory))
     self.iteration, self.state, self.eval_start = start.iteration, start.state, start.eval_start
     self.reward_events, self.nonfinite_skips = start.reward_events, start.nonfinite_skips
     self._stream_state = start.stream_state
@@ -112,7 +114,7 @@ class Trainer:
                         first=self.iteration + len(start.pending), total=self.rl.total_steps,
                         base_version=self.iteration if start.restored and not start.pending else 0,
                         pending=start.pending)
-    pipeline.publish(self.state.params, _to_host(self.state.rng), self.iteration)
+    pipeline.publish(self.policy_params, _to_host(self.state.rng), self.iteration)
     return pipeline
 
   def _open_logs(self, restored: bool, operative_config: str):
@@ -131,6 +133,11 @@ class Trainer:
                     lambda self, v: setattr(self._make_rollout, "scorer", v))
   train_sampling = property(lambda self: self._make_rollout.train_sampling,
                             lambda self, v: setattr(self._make_rollout, "train_sampling", v))
+
+  @property
+  def policy_params(self):
+    """The policy's parameter tree: state.params, or with LoRA the frozen base with the trained adapters."""
+    return self.st.policy(self.state.params)
 
   @property
   def rollout_intervals(self) -> list[tuple[float, float]]:
@@ -171,7 +178,7 @@ class Trainer:
     """This iteration's rollout and its seconds (sampling, reward, behaviour log-probs)."""
     t0 = time.perf_counter()
     if self.pipeline is None:  # in line: sample with the current params
-      self.engine.load_weights(self.state.params, self.iteration)  # colocated: the same buffers, no copy
+      self.engine.load_weights(self.policy_params, self.iteration)  # colocated: the same buffers, no copy
       rollout = self._make_rollout(self.iteration, self.iteration, _to_host(self.state.rng))
       self.engine.release_below(self.iteration + 1)
       self._inline_rollouts.append((t0, time.perf_counter()))
@@ -230,7 +237,7 @@ class Trainer:
       tokens, kv_valid, mask, sampler_logps, adv_BxN, behaviour = self.fns.gather(
           r.out, behaviour, self._global(rows), keep, adv, width=w, batch_sharding=self.batch_sharding)
       old_logps = {parts.BEHAVIOUR: lambda: behaviour, parts.UPDATE_FORWARD: lambda: None,
-                   parts.SEPARATE_FORWARD: lambda: self.fns.logps(self.state.params, tokens, kv_valid,
+                   parts.SEPARATE_FORWARD: lambda: self.fns.logps(self.policy_params, tokens, kv_valid,
                                                                   n_completion=w)}[source]()
       ref_logps = (self.fns.logps(self.ref_params, tokens, kv_valid, n_completion=w)
                    if self.ref_params is not None else None)
@@ -251,7 +258,7 @@ class Trainer:
     """The jitted update on the batch; its metrics (reduced over micro-batches and steps) into `metrics`."""
     t_update = time.perf_counter()
     with jax.set_mesh(self.mesh):
-      self.state, packed, *old_logps = self.fns.update(self.state, batch, *extra)
+      self.state, packed, *old_logps = self.fns.update(self.state, batch, *extra, self.frozen)
     update_metrics, per_step = packed.unpack(_to_host(packed.values))  # reduced on the devices: one transfer
     self.update_intervals.append((t_update, time.perf_counter()))
     if gap_data is not None:  # the old log-probs came from the update's first forward
@@ -266,14 +273,14 @@ class Trainer:
     self.iteration += 1
     self._stream_state = r.stream_state
     if self.pipeline is not None:
-      self.pipeline.publish(self.state.params, _to_host(self.state.rng), self.iteration)
+      self.pipeline.publish(self.policy_params, _to_host(self.state.rng), self.iteration)
 
   # --- eval --------------------------------------------------------------------------------
   def evaluate(self) -> dict[str, float]:
     """evaluation.Evaluator on the held-out split and TaskConfig.eval_sets (first reward >= 1 is a pass);
     "eval/pass_at_1" is the held-out greedy pass@1. Per-example outputs: <run_dir>/eval/iteration_<i>.jsonl."""
     out = os.path.join(self.rl.run_dir, "eval", f"iteration_{self.iteration:06d}.jsonl")
-    metrics = self.evaluator(self.state.params, self.eval_sets, out)
+    metrics = self.evaluator(self.policy_params, self.eval_sets, out)
     return {"eval/pass_at_1": metrics[f"eval/{HELDOUT}/greedy/pass_at_1"], **metrics}
 
   # --- the run -----------------------------------------------------------------------------
@@ -281,7 +288,8 @@ class Trainer:
     """What a checkpoint keeps beside the train state. Pipelined: also the rollouts the next iterations
     train on that older versions sampled (waits for them), and the prompt position after them."""
     state = {"iteration": self.iteration, "data": self._stream_state, "reward_events": self.reward_events,
-             "eval_start": self.eval_start, "nonfinite_skips": dict(self.nonfinite_skips)}
+             "eval_start": self.eval_start, "nonfinite_skips": dict(self.nonfinite_skips),
+             **adapters.base_record(self.rl, self.st.base_fingerprint)}
     if self.pipeline is not None:
       if not self.pipeline.started:  # a save before the first iteration (a signal came early)
         self.pipeline.start()
@@ -355,8 +363,8 @@ class Trainer:
       summary["eval_end"] = last_eval if last_eval is not None else self.evaluate()["eval/pass_at_1"]
       if rl.checkpoint.export_final:  # every process takes part (each tensor is gathered); process 0 writes
         export = os.path.join(rl.run_dir, "final_model")
-        hf_io.save_model(export, self.model_cfg, self.state.params, self.tokenizer, to_host=_to_host,
-                         write=self.main)
+        adapters.export_final(export, rl, self.st, self.state.params, self.model_cfg, self.tokenizer,
+                              to_host=_to_host, write=self.main)
         summary["final_model"] = export
     if self.main and finished:
       summary["plot"] = plot_curves(rl.run_dir)

@@ -18,7 +18,7 @@ from cispo_jax import data as data_lib
 from cispo_jax import sharding
 from cispo_jax.data.prompts import tokenize_prompts
 from cispo_jax.evals.evaluator import Evaluator
-from cispo_jax.model import hf_io, logical_axes, param_shapes
+from cispo_jax.model import hf_io, logical_axes, lora, param_shapes
 from cispo_jax.model.attention import choose_impl
 from cispo_jax.model.config import AUTO, resolve_dtype
 from cispo_jax.rl.optim import make_optimizer
@@ -30,6 +30,7 @@ from cispo_jax.rollout.engine import NativeEngine, Rollout, batched_completion_l
 from cispo_jax.runtime import programs
 from cispo_jax.runtime.checkpoint import abstract_like
 from cispo_jax.task import HELDOUT, Scorer, make_sources
+from cispo_jax.trainer import adapters as adapters_lib
 from cispo_jax.trainer import batch as batch_lib
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ def split_devices(rl, devices) -> tuple[list, list]:
 def load_policy(rl):
   """The model config (with ModelRunConfig), the tokenizer and the stop set of RLConfig.model_dir."""
   model_cfg = hf_io.load_config(rl.model_dir, **rl.model_run.overrides())
+  if rl.lora.enabled:
+    rl.lora.check_model(model_cfg)
+    model_cfg = model_cfg.replace(lora_scaling=rl.lora.scaling)
   tokenizer = hf_io.load_tokenizer(rl.model_dir)
   if tokenizer.eos_token_id is None:
     raise ValueError(f"tokenizer in {rl.model_dir} has no eos_token: the sampler needs a stop token")
@@ -120,39 +124,64 @@ class ShardedState:
   batch_sharding: Any  # dim 0 over the data axes, any rank
   state: TrainState
   ref_params: Any  # the KL's reference params, or None
+  frozen: Any = None  # LoRA: the frozen base (compute dtype), the update's third argument; state.params = adapters
+  base_fingerprint: str | None = None  # LoRA: lora.fingerprint of the base as loaded (checkpoints keep it)
+
+  def policy(self, params):
+    """The policy's full parameter tree for `params` (the state's): the base with the adapters beside them."""
+    return lora.combine(self.frozen, params) if self.frozen is not None else params
 
 
 def build_state(rl, loss_cfg, optim, mesh, model_cfg) -> ShardedState:
   """Parameters sharded by the logical-axis rules, the optimizer state alike, loaded tensor by tensor
-  from safetensors straight into their shards (never a second full copy)."""
+  from safetensors straight into their shards (never a second full copy). With LoRA the trained params
+  are the adapters alone (optimizer state for them only) and the base is frozen in the compute dtype; it is
+  also the KL's reference (adapters off: the same buffers, no copy)."""
   up = rl.update
   tx, schedule = make_optimizer(optim, rl.total_steps * up.num_iterations * up.num_minibatches)
-  params_logical, shapes = logical_axes(model_cfg), param_shapes(model_cfg)
+  base_logical, base_shapes = logical_axes(model_cfg), param_shapes(model_cfg)
+  params_logical, shapes = base_logical, base_shapes
+  if rl.lora.enabled:
+    params_logical = lora.adapter_logical_axes(base_logical, rl.lora)
+    shapes = lora.adapter_shapes(base_shapes, rl.lora, model_cfg.jnp_param_dtype)
   param_shardings = sharding.param_shardings(params_logical, shapes, mesh)
   opt_shardings = sharding.param_shardings(
       sharding.optimizer_logical_axes(tx, params_logical, shapes), jax.eval_shape(tx.init, shapes), mesh)
   rep = sharding.replicated(mesh)
   state_shardings = TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
-  params = hf_io.load_params(rl.model_dir, model_cfg, shardings=param_shardings)
-  # Built directly in its layout: the optimizer state is born sharded like the params.
-  state = jax.jit(functools.partial(TrainState.create, tx=tx, seed=rl.seed), out_shardings=state_shardings)(params)
-  # Only a KL needs the reference: a copy (each update donates the state's buffers), in the compute dtype.
-  ref_params = reference_params(params, model_cfg) if loss_cfg.kl_coef else None
-  return ShardedState(tx, schedule, param_shardings, state_shardings, sharding.batch_sharding(mesh, 1), state,
-                      ref_params)
+  create = jax.jit(functools.partial(TrainState.create, tx=tx, seed=rl.seed), out_shardings=state_shardings)
+  base_shardings = sharding.param_shardings(base_logical, base_shapes, mesh)
+  params = hf_io.load_params(rl.model_dir, model_cfg, shardings=base_shardings)
+  batch_sharding = sharding.batch_sharding(mesh, 1)
+  if not rl.lora.enabled:
+    # Built directly in its layout: the optimizer state is born sharded like the params.
+    state = create(params)
+    # Only a KL needs the reference: a copy (each update donates the state's buffers), in the compute dtype.
+    ref_params = reference_params(params, model_cfg) if loss_cfg.kl_coef else None
+    return ShardedState(tx, schedule, param_shardings, state_shardings, batch_sharding, state, ref_params)
+  fingerprint = lora.fingerprint(params)
+  frozen = reference_params(params, model_cfg, copy=False)
+  del params
+  adapters = adapters_lib.init(rl, model_cfg, base_shapes, param_shardings, fingerprint)
+  return ShardedState(tx, schedule, param_shardings, state_shardings, batch_sharding, create(adapters),
+                      frozen if loss_cfg.kl_coef else None, frozen, fingerprint)
 
 
-def reference_params(params, model_cfg):
+def reference_params(params, model_cfg, copy: bool = True):
   """The KL reference's copy of `params` in the compute dtype (bf16 on an accelerator: half the f32 copy),
   except the LM head's weights (`embed` when tied, `lm_head`) under lm_head_f32, which stay as they are so
-  the reference's log-probs come from the same f32 head as the policy's."""
+  the reference's log-probs come from the same f32 head as the policy's. copy=False (the LoRA base): the
+  input's buffers are donated, so where the dtype is already the compute dtype nothing is copied."""
   head = {"embed", "lm_head"} if model_cfg.lm_head_f32 else set()
 
-  def copy(path, x):
+  def cast(path, x):
     keep = getattr(path[-1], "key", None) in head or not jnp.issubdtype(x.dtype, jnp.floating)
-    return jnp.copy(x) if keep else x.astype(model_cfg.jnp_dtype)
+    if keep:
+      return jnp.copy(x) if copy else x
+    return x.astype(model_cfg.jnp_dtype)
   layout = jax.tree.map(lambda x: x.sharding, params)
-  return jax.jit(lambda p: jax.tree_util.tree_map_with_path(copy, p), out_shardings=layout)(params)
+  return jax.jit(lambda p: jax.tree_util.tree_map_with_path(cast, p), out_shardings=layout,
+                 donate_argnums=() if copy else 0)(params)
 
 
 def build_engines(rl, model_cfg, tokenizer, mesh, rollout_devices):
@@ -161,9 +190,9 @@ def build_engines(rl, model_cfg, tokenizer, mesh, rollout_devices):
   trainer's own buffers in lock-step (max_staleness 0) or a copy of them (stale rollouts)."""
   ro = rl.rollout
   engine = functools.partial(NativeEngine, model_cfg, tokenizer, apply_chat_template=ro.apply_chat_template,
-                             paged=paged_config(ro))
-  decode_layout = lambda m: sharding.param_shardings(  # noqa: E731
-      logical_axes(model_cfg), param_shapes(model_cfg), m, sharding.DECODE_RULES)
+                             paged=paged_config(ro), rollout_merged=rl.lora.rollout_merged)
+  logical, shapes = adapters_lib.policy_layout(rl.lora, model_cfg)
+  decode_layout = lambda m: sharding.param_shardings(logical, shapes, m, sharding.DECODE_RULES)  # noqa: E731
   eval_engine = engine(mesh, decode_layout(mesh), copy_weights=False)
   if not rollout_devices:
     return eval_engine, engine(mesh, decode_layout(mesh), copy_weights=ro.stale)
@@ -242,12 +271,15 @@ def build_update(rl, loss_cfg, model_cfg, st: ShardedState, mesh, data: Data, to
                              old_from_first_step=in_update, packed=True)  # metrics: one vector, one transfer
   rep = sharding.replicated(mesh)
   outs = (state_shardings, rep) + ((batch_sharding,) if in_update else ())
+  # The last argument is the LoRA base (None without LoRA): an argument, never donated (the engines and the
+  # reference read the same buffers), and never closed over (it would become a constant of the program).
+  frozen = None if st.frozen is None else jax.tree.map(lambda x: x.sharding, st.frozen)
   if up.compact_groups:  # the host passes each epoch's minibatch order (plan_update)
-    jitted = jax.jit(update, in_shardings=(state_shardings, batch_sharding, rep), out_shardings=outs,
+    jitted = jax.jit(update, in_shardings=(state_shardings, batch_sharding, rep, frozen), out_shardings=outs,
                      donate_argnums=0)
   else:
-    jitted = jax.jit(lambda state, batch: update(state, batch), in_shardings=(state_shardings, batch_sharding),
-                     out_shardings=outs, donate_argnums=0)
+    jitted = jax.jit(lambda state, batch, frozen: update(state, batch, frozen=frozen),
+                     in_shardings=(state_shardings, batch_sharding, frozen), out_shardings=outs, donate_argnums=0)
   perms = jax.jit(functools.partial(epoch_permutations, n_groups=rl.prompts_per_step,
                                     num_iterations=up.num_iterations), out_shardings=rep)
   update_programs = programs.Programs("update", jitted, _describe_update)
@@ -311,12 +343,13 @@ def precompile(rl, fns: UpdateFns, st: ShardedState, mesh, widths: list[int]):
         tokens, kv, f32 = spec((R, P + w), jnp.int32), spec((R, P + w), jnp.bool_), spec((R, w), jnp.float32)
         built += fns.programs["gather"].compile(
             *batch_lib.gather_specs(rl, P, R, st.batch_sharding, sharding.replicated(mesh)), width=w)
-        for params in ([st.state.params] if separate else []) + ([st.ref_params] if st.ref_params is not None else []):
+        for params in ([st.policy(st.state.params)] if separate else []) + (
+            [st.ref_params] if st.ref_params is not None else []):
           built += fns.logps.compile(params, tokens, kv, n_completion=w)
         order = (jax.ShapeDtypeStruct((up.num_iterations, up.num_minibatches, R // (n * up.num_minibatches)),
                                       jnp.int32),) if up.compact_groups else ()
         batch = RolloutBatch(tokens, kv, f32, f32, f32, f32, spec((R,), jnp.int32))
-        built += fns.update.compile(st.state, batch, *order)
+        built += fns.update.compile(st.state, batch, *order, st.frozen)
   log.info("precompiled %d programs (%d update buckets x %d prompt buckets %s) in %.1f s", built, len(shapes),
            len(widths), widths, time.perf_counter() - t0)
 
@@ -335,8 +368,9 @@ class Resumed:
   stream_state: Any  # the prompt position after the last rollout trained on
 
 
-def resume(ckpt, state: TrainState, stream: data_lib.PromptStream) -> Resumed:
-  """The newest verified checkpoint (bad ones are moved aside), restoring the stream's position."""
+def resume(ckpt, state: TrainState, stream: data_lib.PromptStream, check_host=None) -> Resumed:
+  """The newest verified checkpoint (bad ones are moved aside), restoring the stream's position.
+  check_host(host state): raises if the run cannot go on from it (a LoRA run on another base)."""
   fresh = Resumed(False, 0, state, None, {"errors": 0, "timeouts": 0}, {"total": 0, "consecutive": 0}, [],
                   None)
   restored = ckpt.restore_latest_good(abstract_like(state))
@@ -344,6 +378,8 @@ def resume(ckpt, state: TrainState, stream: data_lib.PromptStream) -> Resumed:
     fresh.stream_state = stream.state()
     return fresh
   _, state, host = restored
+  if check_host is not None:
+    check_host(host)
   stream.restore(host["data"])
   pending = [Rollout.from_json(r) for r in host.get("pending_rollouts", [])]
   log.info("resumed from %s at iteration %d (%d rollouts in flight restored)", ckpt.directory,

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from cispo_jax.model import ModelConfig, forward, init_cache
 from cispo_jax.model.attention import _MASK_VALUE
-from cispo_jax.model.transformer import _swiglu, _tokens_matmul, apply_rope, lm_logits, rope_inv_freq
+from cispo_jax.model.lora import adapted
+from cispo_jax.model.transformer import _swiglu, _tokens_matmul, apply_rope, embed_tokens, lm_logits, rope_inv_freq
 from cispo_jax.rollout.filters import choose_tokens
 from cispo_jax.sharding.mesh import constrain
 
@@ -128,7 +129,7 @@ def _layer(cfg: ModelConfig, x_SxTxE, p, layer, pool_k, pool_v, pos_SxT, page_Sx
   h = _rms(x_SxTxE, p["input_norm"]["scale"], eps, dt)
 
   def proj(name):
-    y = _tokens_matmul("me,enD->mnD", h, a[f"{name}_kernel"], dt)
+    y = adapted(_tokens_matmul("me,enD->mnD", h, a[f"{name}_kernel"], dt), h, _adapter(a, name), 1, cfg)
     return y + a[f"{name}_bias"].astype(dt) if cfg.qkv_bias else y
 
   q, k, v = proj("q"), proj("k"), proj("v")
@@ -139,14 +140,20 @@ def _layer(cfg: ModelConfig, x_SxTxE, p, layer, pool_k, pool_v, pos_SxT, page_Sx
   pool_k = pool_k.at[layer, page_SxT, off_SxT].set(k.astype(pool_k.dtype))
   pool_v = pool_v.at[layer, page_SxT, off_SxT].set(v.astype(pool_v.dtype))
   out = _attend(q, pool_k[layer], pool_v[layer], table_SxM, pos_SxT, block).astype(dt)
-  y = _tokens_matmul("mhd,hde->me", out, a["o_kernel"], dt)
+  y = adapted(_tokens_matmul("mhd,hde->me", out, a["o_kernel"], dt), out, _adapter(a, "o"), 2, cfg)
   if cfg.o_bias:
     y = y + a["o_bias"].astype(dt)
   x = x_SxTxE + y
   m = p["mlp"]
   x = x + _swiglu(_rms(x, p["post_attn_norm"]["scale"], eps, dt), m["gate_kernel"], m["up_kernel"],
-                  m["down_kernel"], dt)
+                  m["down_kernel"], {n: _adapter(m, n) for n in ("gate", "up", "down")}, dt=dt, cfg=cfg)
   return x, pool_k, pool_v
+
+
+def _adapter(p, name):
+  """(A, B) of weight `name`'s LoRA adapter in this layer's params (model/lora.py), or None."""
+  a = p.get(f"{name}_lora_a")
+  return None if a is None else (a, p[f"{name}_lora_b"])
 
 
 def _layers(params, cfg: ModelConfig, pool, x, pos_SxT, page_SxT, off_SxT, table_SxM, block):
@@ -168,7 +175,7 @@ def prefill_chunk(params, pool, tokens_bxC, pos_bxC, valid_bxC, table_bxM, *, cf
   ps = pool["k"].shape[2]
   page = jnp.where(valid_bxC, jnp.take_along_axis(table_bxM, pos_bxC // ps, 1), 0)
   off = jnp.where(valid_bxC, pos_bxC % ps, 0)
-  x = jnp.take(params["embed"], tokens_bxC, axis=0).astype(cfg.jnp_dtype)
+  x = embed_tokens(params, cfg, tokens_bxC)
   _, pool = _layers(params, cfg, _pool_layout(pool), x, pos_bxC, page, off, table_bxM, block)
   return _pool_layout(pool)
 
@@ -178,10 +185,10 @@ def decode_logits(params, cfg: ModelConfig, pool, token_S, pos_S, table_SxM, act
   ps = pool["k"].shape[2]
   page_S = jnp.where(active_S, jnp.take_along_axis(table_SxM, (pos_S // ps)[:, None], 1)[:, 0], 0)
   off_S = jnp.where(active_S, pos_S % ps, 0)
-  x = jnp.take(params["embed"], token_S, axis=0).astype(cfg.jnp_dtype)[:, None]
+  x = embed_tokens(params, cfg, token_S[:, None])
   x, pool = _layers(params, cfg, pool, x, pos_S[:, None], page_S[:, None], off_S[:, None], table_SxM, block)
   x = _rms(x, params["final_norm"]["scale"], cfg.rms_norm_eps, cfg.jnp_dtype)
-  head = {k: params[k] for k in ("embed", "lm_head") if k in params}
+  head = {k: params[k] for k in ("embed", "lm_head", "lm_head_lora_a", "lm_head_lora_b") if k in params}
   return lm_logits(head, cfg, x)[:, 0], pool
 
 
