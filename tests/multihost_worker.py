@@ -122,8 +122,8 @@ def run_rl(args):
   from cispo_jax.rl import losses
   from cispo_jax.trainer import Trainer
 
-  trainer = Trainer(rl_config(args.rl_model_dir, args.rl_run_dir, total_steps=2), losses.LossConfig(),
-                    OPTIM, parse_mesh(args.mesh), TASK)
+  trainer = Trainer(rl_config(args.rl_model_dir, args.rl_run_dir, total_steps=2, rank=args.rl_lora_rank),
+                    losses.LossConfig(), OPTIM, parse_mesh(args.mesh), TASK)
   trainer.run()
   params = {f"param{jax.tree_util.keystr(k)}": v for k, v in jax.tree_util.tree_leaves_with_path(trainer.state.params)}
   gathered = jax.jit(lambda t: t, out_shardings=sharding.replicated(trainer.mesh))(params)
@@ -141,6 +141,7 @@ def main(argv=None):
   ap.add_argument("--out", required=True)
   ap.add_argument("--rl_model_dir", default=None, help="run RL iterations on this model instead of one step")
   ap.add_argument("--rl_run_dir", default=None)
+  ap.add_argument("--rl_lora_rank", type=int, default=0, help="LoraConfig.rank of the RL run (0: full fine-tuning)")
   args = ap.parse_args(argv)
   sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
                                   cpu_collectives="gloo", initialization_timeout=60)

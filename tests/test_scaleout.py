@@ -100,15 +100,18 @@ def test_checkpoint_restores_on_another_mesh(model_dir, tmp_path):
   restorer.close()
 
 
-def test_two_processes_run_rl_like_one(model_dir, tmp_path):
-  """Two real jax.distributed processes (gloo, 2 CPU devices each) run 2 RL iterations."""
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_two_processes_run_rl_like_one(model_dir, tmp_path, lora_rank):
+  """Two real jax.distributed processes (gloo, 2 CPU devices each) run 2 RL iterations (full fine-tuning, and
+  LoRA: the adapters, the base's fingerprint gathered across processes, the checkpoint's base record)."""
   import multihost_worker
 
   multihost_worker.launch(2, lambda pid: [
       "--mesh", "data=2,fsdp=1,tensor=2", "--rl_model_dir", model_dir, "--rl_run_dir", str(tmp_path / "mp"),
-      "--out", str(tmp_path / f"p{pid}.npz")], timeout_s=400)
+      "--out", str(tmp_path / f"p{pid}.npz"), "--rl_lora_rank", str(lora_rank)], timeout_s=400)
 
-  trainer = make_trainer(model_dir, tmp_path / "sp", MeshConfig(data=2, fsdp=1, tensor=2), 4, total_steps=2)
+  trainer = make_trainer(model_dir, tmp_path / "sp", MeshConfig(data=2, fsdp=1, tensor=2), 4, total_steps=2,
+                         rank=lora_rank)
   trainer.run()
   want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(_host(trainer.state.params))}
   trainer.close()
