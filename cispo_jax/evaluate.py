@@ -8,6 +8,11 @@ format, reward and sampling settings come from the same gin configs as training 
 it evaluates the configured TaskConfig.eval_sets, or else the task's held-out split. Multi-process
 like training (--coordinator_address, --num_processes, --process_id): each process generates and
 scores its share of every set on the mesh; process 0 writes metrics.json.
+
+--model_dir may also be a PEFT LoRA adapter directory (adapter_config.json, as training's final_model/ with
+LoraConfig.export 'peft'): the adapters run unmerged on their base, adapter_config.json's
+base_model_name_or_path or --base_model, which must be the base they were trained on when the adapter
+directory records its fingerprint.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="cispo_jax.evaluate", allow_abbrev=False,
                               description="Greedy pass@1, sampled pass@k, completion length and format errors of a "
                                           "model on named local datasets.")
-  p.add_argument("--model_dir", required=True, help="local HF model directory (config.json, safetensors, tokenizer)")
+  p.add_argument("--model_dir", required=True, help="local HF model directory (config.json, safetensors, tokenizer), "
+                                                   "or a PEFT LoRA adapter directory (adapter_config.json)")
+  p.add_argument("--base_model", default=None, help="with an adapter --model_dir: its base model directory (default: "
+                                                    "adapter_config.json's base_model_name_or_path)")
   p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                  help="an eval set (repeatable): parquet, json/jsonl, csv, arrow or a save_to_disk dir ('dir::split')")
   p.add_argument("--out_dir", default="runs/eval", help="where outputs.jsonl and metrics.json go")
@@ -76,7 +84,7 @@ class ModelSampler:
   """A model on a mesh, generating like the trainer's eval: the same rollout engine (rollout.NativeEngine),
   so evaluation runs exactly the training rollout's encode / shard / generate path."""
 
-  def __init__(self, rl, mesh_cfg, devices=None):
+  def __init__(self, rl, mesh_cfg, devices=None, base_model: str | None = None):
     from cispo_jax import sharding
     from cispo_jax.model import hf_io, logical_axes, param_shapes
     from cispo_jax.rollout.config import paged_config
@@ -84,12 +92,21 @@ class ModelSampler:
 
     self.rl = rl
     self.mesh = sharding.make_mesh(mesh_cfg, devices)
-    self.model_cfg = hf_io.load_config(rl.model_dir, **rl.model_run.overrides())
-    self.tokenizer = hf_io.load_tokenizer(rl.model_dir)
-    # nothing trains here: the weights are read straight into the decode layout
-    shardings = sharding.param_shardings(logical_axes(self.model_cfg), param_shapes(self.model_cfg), self.mesh,
-                                         sharding.DECODE_RULES)
-    self.params = hf_io.load_params(rl.model_dir, self.model_cfg, shardings=shardings)
+    self.base_dir = rl.model_dir  # the model's own directory (config.json, generation_config.json)
+    self.adapted = hf_io.is_peft_dir(rl.model_dir)  # a PEFT adapter directory on its base
+    if self.adapted:
+      self.base_dir, self.model_cfg, self.tokenizer, shardings, self.params = load_adapted(
+          rl.model_dir, base_model, rl.model_run.overrides(), self.mesh)
+    else:
+      if base_model is not None:
+        raise ValueError(f"--base_model {base_model!r} is for a PEFT adapter --model_dir, but {rl.model_dir} is "
+                         "not one (it has no adapter_config.json)")
+      self.model_cfg = hf_io.load_config(rl.model_dir, **rl.model_run.overrides())
+      self.tokenizer = hf_io.load_tokenizer(rl.model_dir)
+      # nothing trains here: the weights are read straight into the decode layout
+      shardings = sharding.param_shardings(logical_axes(self.model_cfg), param_shapes(self.model_cfg), self.mesh,
+                                           sharding.DECODE_RULES)
+      self.params = hf_io.load_params(rl.model_dir, self.model_cfg, shardings=shardings)
     self.engine = NativeEngine(self.model_cfg, self.tokenizer, self.mesh, shardings,
                                apply_chat_template=rl.rollout.apply_chat_template, copy_weights=False,
                                paged=paged_config(rl.rollout))
@@ -99,7 +116,50 @@ class ModelSampler:
     return self.engine.generate(examples, key, cfg, params=params, host=True)
 
 
-def evaluate(configs: dict[str, Any], out_dir: str, devices=None) -> dict[str, Any]:
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_adapted(adapter_dir: str, base_model: str | None, overrides: dict, mesh):
+  """(base dir, model cfg, tokenizer, shardings, params) of a PEFT adapter directory on its base, in the decode
+  layout: params = lora.combine(base, adapters) (run unmerged), cfg.lora_scaling the adapters' scaling. The
+  tokenizer is the adapter directory's if it has one (training's export writes it), else the base's. A base
+  whose weights fingerprint differs from the one the adapters recorded (they were trained on another) is
+  refused, naming both."""
+  from cispo_jax import sharding
+  from cispo_jax.model import hf_io, logical_axes, lora, param_shapes
+  from cispo_jax.model.hf_io.peft import ADAPTER_CONFIG
+
+  lcfg, recorded, fingerprint = hf_io.read_peft_config(adapter_dir)
+  base_dir = base_model or recorded
+  if base_model is not None and not os.path.isdir(base_model):
+    raise ValueError(f"--base_model {base_model!r} is not a directory")
+  if not base_dir or not os.path.isdir(base_dir):
+    raise ValueError(f"{os.path.join(adapter_dir, ADAPTER_CONFIG)}: base_model_name_or_path={recorded!r} is not a "
+                     "local model directory; pass --base_model DIR (the base the adapters were trained on)")
+  cfg = hf_io.load_config(base_dir, **overrides)
+  lcfg.check_model(cfg)
+  base_logical, base_shapes = logical_axes(cfg), param_shapes(cfg)
+  base_shardings = sharding.param_shardings(base_logical, base_shapes, mesh, sharding.DECODE_RULES)
+  adapter_shardings = sharding.param_shardings(lora.adapter_logical_axes(base_logical, lcfg),
+                                               lora.adapter_shapes(base_shapes, lcfg), mesh, sharding.DECODE_RULES)
+  base = hf_io.load_params(base_dir, cfg, shardings=base_shardings)
+  if fingerprint is not None:
+    actual = lora.fingerprint(base)
+    if actual != fingerprint:
+      raise ValueError(f"{adapter_dir}: the adapters were trained on the base {recorded} (weights fingerprint "
+                       f"{fingerprint}), but the base given is {os.path.abspath(base_dir)} (fingerprint {actual}, "
+                       f"loaded in {cfg.param_dtype}): adapters are only meaningful on their own base. Pass "
+                       "--base_model with the original base (loaded in the training run's param_dtype)")
+  adapters, lcfg, _, _ = hf_io.load_peft(adapter_dir, cfg, shardings=adapter_shardings)
+  has_tokenizer = any(os.path.isfile(os.path.join(adapter_dir, f)) for f in _TOKENIZER_FILES)
+  tokenizer = hf_io.load_tokenizer(adapter_dir if has_tokenizer else base_dir, vocab_size=cfg.vocab_size)
+  log.info("LoRA adapters %s (rank %d, scaling %g, %s) on the base %s", adapter_dir, lcfg.rank, lcfg.scaling,
+           ",".join(lcfg.targets), base_dir)
+  return (base_dir, cfg.replace(lora_scaling=lcfg.scaling), tokenizer,
+          lora.combine(base_shardings, adapter_shardings), lora.combine(base, adapters))
+
+
+def evaluate(configs: dict[str, Any], out_dir: str, devices=None, base_model: str | None = None) -> dict[str, Any]:
   """Metrics of the configured eval sets (or the held-out split), outputs written under out_dir."""
   import jax
 
@@ -110,7 +170,7 @@ def evaluate(configs: dict[str, Any], out_dir: str, devices=None) -> dict[str, A
   rl, task = configs["RLConfig"], configs["TaskConfig"]
   if not rl.model_dir:
     raise ValueError("--model_dir is required")
-  sampler = ModelSampler(rl, configs["MeshConfig"], devices)
+  sampler = ModelSampler(rl, configs["MeshConfig"], devices, base_model)
   limits = dict(max_new_tokens=rl.rollout.max_new_tokens, prompt_buckets=rl.rollout.prompt_buckets,
                 apply_chat_template=rl.rollout.apply_chat_template)
   sets = task.eval_sources(sampler.tokenizer, sampler.model_cfg, **limits)
@@ -118,7 +178,7 @@ def evaluate(configs: dict[str, Any], out_dir: str, devices=None) -> dict[str, A
     train, held = make_sources(task, seed=rl.seed)
     _, held = task.check_sources(train, held, sampler.tokenizer, sampler.model_cfg, **limits)
     sets = {HELDOUT: held[:rl.eval.eval_size]}
-  stops = run_stops(rl.rollout, sampler.tokenizer, rl.model_dir, sampler.model_cfg.vocab_size)
+  stops = run_stops(rl.rollout, sampler.tokenizer, sampler.base_dir, sampler.model_cfg.vocab_size)
   log.info("stop tokens: %s", stops.describe(sampler.tokenizer))
   scorer = Scorer(task)
   try:
@@ -132,6 +192,8 @@ def evaluate(configs: dict[str, Any], out_dir: str, devices=None) -> dict[str, A
     scorer.close()
   result = {"model_dir": rl.model_dir, "sets": {name: len(ex) for name, ex in sets.items()},
             "num_samples": task.eval_samples, "metrics": metrics}
+  if sampler.adapted:
+    result["base_model"] = sampler.base_dir
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -169,7 +231,7 @@ def main(argv: Sequence[str] | None = None, devices=None) -> dict[str, Any]:
   short = {k: v for k, v in vars(args).items() if k in cli.SHORTHANDS and v is not None}
   configs = cli.parse(args.gin_file, list(args.gin_param) + _bindings(args), short)
   sharding.initialize_distributed(dist.coordinator_address, dist.num_processes, dist.process_id)
-  result = evaluate(configs, args.out_dir, devices)
+  result = evaluate(configs, args.out_dir, devices, args.base_model)
   import jax
 
   if sharding.is_main_process():

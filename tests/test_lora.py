@@ -175,3 +175,21 @@ def test_lora_config_is_checked():
     lora.LoraConfig(rank=2, export="gguf")
   assert lora.LoraConfig(rank=16, alpha=32, rslora=True).scaling == 8.0
   assert lora.LoraConfig(rank=16, alpha=32).scaling == 2.0
+
+
+def test_final_export_is_a_peft_directory_and_the_merged_model(model_dir, tmp_path):
+  """export='both': final_model/ holds the trained adapters (bitwise, with the base's path and fingerprint) as a
+  PEFT directory, and final_model/merged the merged HF model, whose logits are the policy's."""
+  from cispo_jax.model import hf_io
+
+  trainer = _trainer(_rl(model_dir, tmp_path, rank=4, total_steps=1, export_final=True, export="both"))
+  trainer.run()
+  trainer.close()
+  final = str(tmp_path / "final_model")
+  assert hf_io.is_peft_dir(final)
+  adapters, lcfg, base_dir, fingerprint = hf_io.load_peft(final, trainer.model_cfg)
+  assert _equal(adapters, trainer.state.params) and (lcfg.rank, lcfg.alpha, lcfg.targets) == (4, 32.0, lora.LAYER_TARGETS)
+  assert (base_dir, fingerprint) == (str(model_dir), trainer.st.base_fingerprint)
+  cfg, merged = hf_io.load_model(final + "/merged")
+  np.testing.assert_allclose(forward(merged, cfg, TOKENS)[0], forward(trainer.policy_params, trainer.model_cfg,
+                                                                       TOKENS)[0], rtol=0, atol=2e-5)
