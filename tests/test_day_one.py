@@ -48,7 +48,10 @@ def test_reference_params_in_compute_dtype_with_the_f32_head():
   flat = jax.tree_util.tree_flatten_with_path(ref)[0]
   for path, x in flat:
     name = path[-1].key
-    assert x.dtype == (jnp.float32 if name in ("embed", "lm_head") else jnp.bfloat16), (name, x.dtype)
+    assert x.dtype == (jnp.float32 if name == "lm_head" else jnp.bfloat16), (name, x.dtype)  # embed: a lookup
+  tied = cfg.replace(tie_word_embeddings=True)
+  tied_params = {k: v for k, v in params.items() if k != "lm_head"}
+  assert parts.reference_params(tied_params, tied)["embed"].dtype == jnp.float32  # the head, when tied
   assert sum(x.nbytes for x in jax.tree.leaves(ref)) < sum(x.nbytes for x in jax.tree.leaves(params))
   f32 = parts.reference_params(params, cfg.replace(dtype="float32"))  # a CPU run: the exact copy, as before
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(f32), jax.tree.leaves(params)))

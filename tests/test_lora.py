@@ -188,7 +188,8 @@ def test_final_export_is_a_peft_directory_and_the_merged_model(model_dir, tmp_pa
   final = str(tmp_path / "final_model")
   assert hf_io.is_peft_dir(final)
   adapters, lcfg, base_dir, fingerprint = hf_io.load_peft(final, trainer.model_cfg)
-  assert _equal(adapters, trainer.state.params) and (lcfg.rank, lcfg.alpha, lcfg.targets) == (4, 32.0, lora.LAYER_TARGETS)
+  assert _equal(adapters, trainer.state.params)
+  assert (lcfg.rank, lcfg.alpha, lcfg.targets) == (4, 32.0, lora.LAYER_TARGETS)
   assert (base_dir, fingerprint) == (str(model_dir), trainer.st.base_fingerprint)
   cfg, merged = hf_io.load_model(final + "/merged")
   np.testing.assert_allclose(forward(merged, cfg, TOKENS)[0], forward(trainer.policy_params, trainer.model_cfg,

@@ -97,6 +97,12 @@ class ModelConfig:
     return self.num_layers if (not self.remat and self.num_layers <= 4) else 1
 
   @property
+  def head_weights(self) -> tuple[str, ...]:
+    """The top-level weights the LM head reads: the embedding when tied, else lm_head (a frozen or reference
+    copy keeps them in param_dtype under lm_head_f32; an untied embedding is only a lookup)."""
+    return ("embed",) if self.tie_word_embeddings else ("lm_head",)
+
+  @property
   def jnp_dtype(self):
     return _DTYPES[self.dtype]
 

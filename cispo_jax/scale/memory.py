@@ -17,7 +17,8 @@ from typing import Mapping
 import jax
 import numpy as np
 
-from cispo_jax.model import ModelConfig, logical_axes, param_shapes
+from cispo_jax.model import ModelConfig, logical_axes, lora, param_shapes
+from cispo_jax.model.lora import LoraConfig
 from cispo_jax.model.attention import DENSE_MAX_TS
 from cispo_jax.sharding.mesh import CACHE_AXES, RULES, axis_sizes, resolve_spec, shard_shape
 
@@ -58,22 +59,34 @@ class MemoryPlan:
   param_count: int
   batch_per_device: int
   rollout_batch_per_device: int
-  params: int
+  params: int  # full FT: the master weights; LoRA: the frozen base + the adapters
   grads: int
   optimizer: int
   activations: int
   kv_cache: int
+  reference: int = 0  # full FT with a KL term (plan_memory reference=True): the reference's copy
+  trained_param_count: int = 0  # what the optimizer updates: every parameter, or the adapters
 
   @property
   def peak(self) -> int:
-    return self.params + self.optimizer + max(self.grads + self.activations, self.kv_cache)
+    return self.params + self.reference + self.optimizer + max(self.grads + self.activations, self.kv_cache)
 
 
 @functools.lru_cache(maxsize=None)
 def _param_layout(cfg: ModelConfig):
   """[(top-level name, shape, logical spec)] of every parameter (abstract: nothing is allocated)."""
-  shapes = jax.tree_util.tree_leaves_with_path(param_shapes(cfg))
-  specs = jax.tree.leaves(logical_axes(cfg), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  return _layout(param_shapes(cfg), logical_axes(cfg))
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter_layout(cfg: ModelConfig, lcfg: LoraConfig):
+  """_param_layout of the adapters of `lcfg` (lora.adapter_shapes, placed by lora.adapter_logical_axes)."""
+  return _layout(lora.adapter_shapes(param_shapes(cfg), lcfg), lora.adapter_logical_axes(logical_axes(cfg), lcfg))
+
+
+def _layout(shapes, logical):
+  shapes = jax.tree_util.tree_leaves_with_path(shapes)
+  specs = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   return tuple((path[0].key, tuple(s.shape), spec) for (path, s), spec in zip(shapes, specs))
 
 
@@ -95,12 +108,52 @@ def _split(dim: int, name: str, sizes, rules) -> int:
   return dim // shard_shape((dim,), resolve_spec((name,), (dim,), sizes, rules), sizes)[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class _State:
+  params: int
+  grads: int
+  optimizer: int
+  reference: int
+  trained: int
+  unit: int  # the largest FSDP unit's bytes, gathered over fsdp (0 without fsdp)
+  head_grad: bool  # the LM head is trained: its f32 gradient accumulator is part of the activations
+
+
+def _state_bytes(cfg, sizes, rules, lcfg, reference, param_bytes, grad_bytes, moments_bytes) -> _State:
+  """Params, grads, optimizer moments and the reference copy per device; the FSDP unit. The frozen base (LoRA)
+  and the reference copy (full FT) are as trainer/parts.reference_params keeps them: the compute dtype, the LM
+  head's weights (ModelConfig.head_weights) at param_bytes under lm_head_f32."""
+  layout = _param_layout(cfg)
+  base_bytes = lambda top: param_bytes if cfg.lm_head_f32 and top in cfg.head_weights else _itemsize(cfg.dtype)  # noqa
+  units = {name for name, _, _ in layout}
+  per_unit = {u: _local_elems([x for x in layout if x[0] == u], sizes, rules) for u in units}
+  # FSDP all-gathers one unit at a time: one layer of the stack, the embedding or the LM head, full over fsdp and
+  # still split over tensor.
+  tensor_only = dict(sizes, data=1, fsdp=1)
+  gathered = {u: _local_elems([x for x in layout if x[0] == u], tensor_only, rules)
+              // (cfg.num_layers if u == "layers" else 1) for u in units}
+  frozen = sum(n * base_bytes(u) for u, n in per_unit.items())
+  if lcfg is None:
+    elems = sum(per_unit.values())
+    unit = max(gathered.values()) * param_bytes
+    return _State(params=elems * param_bytes, grads=elems * grad_bytes, optimizer=elems * moments_bytes,
+                  reference=frozen if reference else 0, trained=param_count(cfg),
+                  unit=unit if sizes["fsdp"] > 1 else 0, head_grad=True)
+  adapters = _local_elems(_adapter_layout(cfg, lcfg), sizes, rules)
+  unit = max(n * base_bytes(u) for u, n in gathered.items())
+  return _State(params=frozen + adapters * param_bytes, grads=adapters * grad_bytes,
+                optimizer=adapters * moments_bytes, reference=0,
+                trained=sum(math.prod(shape) for _, shape, _ in _adapter_layout(cfg, lcfg)),
+                unit=unit if sizes["fsdp"] > 1 else 0, head_grad=False)
+
+
 def plan_memory(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_size: int, seq_len: int, *,
                 completion_len: int | None = None, param_bytes: int | None = None,
                 grad_bytes: int | None = None, optimizer: str = "adamw", opt_state_bytes: int = 4,
                 act_bytes: int | None = None, remat: bool | None = None,
                 rollout_batch: int | None = None, rollout_len: int | None = None,
-                kv_bytes: int | None = None, rules=RULES) -> MemoryPlan:
+                kv_bytes: int | None = None, rules=RULES, lora: LoraConfig | None = None,
+                reference: bool = False) -> MemoryPlan:
   """Per-device bytes of one training micro-batch and one rollout batch.
 
   `batch_size` / `rollout_batch` are global sequence counts; `seq_len` is prompt + completion,
@@ -111,6 +164,19 @@ def plan_memory(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_siz
   params, grads, optimizer: exact. The sum over parameters of the per-device shard size
   (rules + divisibility fallback, as placed by `param_shardings`) x bytes, x moments for
   the optimizer (adamw: 2).
+
+  reference (full fine-tuning with a KL term: the trainer's reference copy, parts.reference_params): the
+  parameters again in the compute dtype (dtype), the LM head's weights (ModelConfig.head_weights)
+  at param_bytes under lm_head_f32. Counted in `peak` (it lives through the update and the rollout).
+
+  lora (a LoraConfig of rank > 0: parts.build_state's LoRA layout): params = the frozen base, stored like the
+  reference copy above (it is the reference: no copy), + the adapters at param_bytes; grads and optimizer
+  moments of the adapters alone (placed by lora.adapter_logical_axes); the activations below without the LM
+  head's gradient accumulator (the head is frozen), the FSDP unit gathered at the base's bytes. Against XLA's temp
+  less its f32 copy of the bf16 base (compiled.cpu_upcast_bytes, an XLA:CPU artefact) on one device: +5% at
+  Qwen2.5-0.5B, 2 layers, 4k tokens (tests/test_lora_memory.py); -34% at Qwen2.5-7B, 28 layers, 512 + 8192
+  tokens (benchmarks/bench_lora.py), where full FT's estimate is -10%: the layer term, fitted at 0.5B shapes,
+  undercounts XLA:CPU's f32 MLP temporaries there, and LoRA's temp came out as large as full FT's.
 
   activations: the temporaries of the update's gradient, a formula whose coefficients were
   measured against `compiled.memory_analysis()` of `jax.value_and_grad(train_step._loss_fn)`
@@ -131,7 +197,7 @@ def plan_memory(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_siz
       head      = c*b*n*v*4 + E*v*4                 n = min(N, logprob_chunk) positions of f32
                                                     logits at a time (c = 3 buffers when chunked,
                                                     1.1 on the single-chunk path) + the LM head's
-                                                    f32 gradient accumulator
+                                                    f32 gradient accumulator (not under LoRA)
       unit      = U * param_bytes                   FSDP: the largest unit (one layer of the
                                                     stack, the embedding or the LM head) gathered
                                                     over fsdp, still split over tensor (XLA
@@ -148,43 +214,33 @@ def plan_memory(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_siz
   cfg = model_cfg
   sizes = axis_sizes(mesh_shape)
   param_bytes = param_bytes or _itemsize(cfg.param_dtype)
-  grad_bytes = grad_bytes or param_bytes
   act_bytes = act_bytes or _itemsize(cfg.dtype)
-  kv_bytes = kv_bytes or act_bytes
   remat = cfg.remat if remat is None else remat
   rollout_batch = rollout_batch or batch_size
   rollout_len = rollout_len or seq_len
-
-  completion_len = completion_len or seq_len
-  layout = _param_layout(cfg)
-  elems = _local_elems(layout, sizes, rules)
-  # FSDP all-gathers one unit at a time: one layer of the stack, the embedding or the LM head,
-  # full over fsdp and still split over tensor.
-  tensor_only = dict(sizes, data=1, fsdp=1)
-  gathered = max(_local_elems([x for x in layout if x[0] == u], tensor_only, rules)
-                 // (cfg.num_layers if u == "layers" else 1) for u in {name for name, _, _ in layout})
+  lcfg = lora if lora is not None and lora.enabled else None
+  state = _state_bytes(cfg, sizes, rules, lcfg, reference, param_bytes, grad_bytes or param_bytes,
+                       opt_state_bytes * OPTIMIZER_MOMENTS[optimizer])
 
   E, F, H, K, D, V, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                          cfg.head_dim, cfg.vocab_size, cfg.num_layers)
   b = batch_size // _split(batch_size, "batch", sizes, rules)
   h, k = H // _split(H, "heads", sizes, rules), K // _split(K, "kv_heads", sizes, rules)
   f, v = F // _split(F, "mlp", sizes, rules), V // _split(V, "vocab", sizes, rules)
-  T, N, a = seq_len, completion_len, act_bytes
+  T, N, a = seq_len, completion_len or seq_len, act_bytes
   layer = a * (4 * E + 3 * h * D + 3 * k * D + 4 * f)
   dense = cfg.attention_impl == "dense" or (cfg.attention_impl == "auto" and T * T <= DENSE_MAX_TS)
   attention = b * h * T * T * (4 + a) if dense else 0
   n = min(N, cfg.logprob_chunk)
-  head = int((3 if N > cfg.logprob_chunk else 1.1) * b * n * v * 4) + E * v * 4
-  unit = gathered * param_bytes if sizes["fsdp"] > 1 else 0
+  head = int((3 if N > cfg.logprob_chunk else 1.1) * b * n * v * 4) + (E * v * 4 if state.head_grad else 0)
   if remat:
-    activations = 2 * L * b * T * E * a + int(0.25 * b * T * layer) + attention + head + unit
+    activations = 2 * L * b * T * E * a + int(0.25 * b * T * layer) + attention + head + state.unit
   else:
-    activations = int(3.2 * L * b * T * layer) + L * attention + head + unit
+    activations = int(3.2 * L * b * T * layer) + L * attention + head + state.unit
 
   cache_shape = (L, rollout_batch, rollout_len, K, D)
   cache_block = shard_shape(cache_shape, resolve_spec(CACHE_AXES, cache_shape, sizes, rules), sizes)
-  kv_cache = 2 * math.prod(cache_block) * kv_bytes
+  kv_cache = 2 * math.prod(cache_block) * (kv_bytes or act_bytes)
   return MemoryPlan(param_count=param_count(cfg), batch_per_device=b, rollout_batch_per_device=cache_block[1],
-                    params=elems * param_bytes, grads=elems * grad_bytes,
-                    optimizer=elems * opt_state_bytes * OPTIMIZER_MOMENTS[optimizer],
-                    activations=activations, kv_cache=kv_cache)
+                    params=state.params, grads=state.grads, optimizer=state.optimizer, activations=activations,
+                    kv_cache=kv_cache, reference=state.reference, trained_param_count=state.trained)

@@ -169,10 +169,10 @@ def build_state(rl, loss_cfg, optim, mesh, model_cfg) -> ShardedState:
 
 def reference_params(params, model_cfg, copy: bool = True):
   """The KL reference's copy of `params` in the compute dtype (bf16 on an accelerator: half the f32 copy),
-  except the LM head's weights (`embed` when tied, `lm_head`) under lm_head_f32, which stay as they are so
+  except the LM head's weights (ModelConfig.head_weights: `embed` when tied, else `lm_head`) under lm_head_f32, which stay as they are so
   the reference's log-probs come from the same f32 head as the policy's. copy=False (the LoRA base): the
   input's buffers are donated, so where the dtype is already the compute dtype nothing is copied."""
-  head = {"embed", "lm_head"} if model_cfg.lm_head_f32 else set()
+  head = set(model_cfg.head_weights) if model_cfg.lm_head_f32 else set()
 
   def cast(path, x):
     keep = getattr(path[-1], "key", None) in head or not jnp.issubdtype(x.dtype, jnp.floating)
