@@ -24,3 +24,18 @@ def model_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tiny_policy"))
   return make_tiny_model_dir(path, "qwen2", tokenizer=build_char_tokenizer(data.ALPHABET), hidden_size=32,
                              num_layers=1, num_heads=2, num_kv_heads=1, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+  """Each test module drops the compiled programs the modules before it left in jax's caches (a module's own
+  shared fixtures keep theirs while it runs). In one process the whole suite otherwise accumulates every program
+  it ever compiled, and XLA:CPU aborted compiling an update after ~900 tests (test_trainer.py, twice, at the same
+  test; the file alone and with the LoRA files passes)."""
+  yield
+  import gc
+
+  import jax
+
+  jax.clear_caches()
+  gc.collect()
