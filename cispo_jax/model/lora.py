@@ -102,11 +102,6 @@ def adapter_key(name: str, which: str) -> str:
   return f"{name.removesuffix('_kernel')}_lora_{which}"
 
 
-def is_adapter(path) -> bool:
-  key = getattr(path[-1], "key", path[-1])
-  return isinstance(key, str) and (key.endswith("_lora_a") or key.endswith("_lora_b"))
-
-
 def _get(tree, keys):
   for k in keys:
     tree = tree[k]
